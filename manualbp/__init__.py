@@ -1,0 +1,28 @@
+"""manualbp — backpropagation by hand, fast.
+
+Drop-in PyTorch layers whose backward pass computes the seed equations directly:
+δ = ∂C/∂a ⊙ f′(z), ∇W = δᵀ·a, ∇b = Σδ and the input gradient δ·W, on a plain-PyTorch reference
+backend everywhere and fused Triton kernels on CUDA.
+"""
+
+from manualbp import functional
+from manualbp.activations import ACTIVATIONS, Activation, get_activation
+from manualbp.backends import BACKENDS, get_backend, set_backend, use_backend
+from manualbp.nn import MLP, Linear, LinearAct
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "MLP",
+    "Activation",
+    "Linear",
+    "LinearAct",
+    "functional",
+    "get_activation",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "__version__",
+]

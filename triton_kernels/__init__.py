@@ -1,0 +1,1 @@
+"""Pure Triton kernels and their launchers, installed as manualbp.triton_kernels."""

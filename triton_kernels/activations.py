@@ -1,0 +1,152 @@
+"""Activation functions f and their derivatives f′ as Triton device functions.
+
+One constexpr id selects the branch at compile time, so every kernel is compiled once per
+activation without copies of the kernel body. The ids are a fixed contract with
+`manualbp/activations.py`:
+
+    identity=0 relu=1 leaky_relu=2 sigmoid=3 tanh=4      f′ computed from the output a = f(z)
+    gelu=5 gelu_tanh=6 silu=7 mish=8 softplus=9           f′ computed from the pre-activation z
+
+`act_grad(grad, saved, ...)` returns δ = grad ⊙ f′, where `saved` is `a` for the first group and
+`z` for the second (what the forward saved). All arithmetic is float32; the callers upcast.
+Adding an activation means one id here, one branch in `act_fn`, one in `act_grad`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+IDENTITY: tl.constexpr = tl.constexpr(0)
+RELU: tl.constexpr = tl.constexpr(1)
+LEAKY_RELU: tl.constexpr = tl.constexpr(2)
+SIGMOID: tl.constexpr = tl.constexpr(3)
+TANH: tl.constexpr = tl.constexpr(4)
+GELU: tl.constexpr = tl.constexpr(5)
+GELU_TANH: tl.constexpr = tl.constexpr(6)
+SILU: tl.constexpr = tl.constexpr(7)
+MISH: tl.constexpr = tl.constexpr(8)
+SOFTPLUS: tl.constexpr = tl.constexpr(9)
+
+NUM_ACTIVATIONS = 10
+NAMES = (
+    "identity", "relu", "leaky_relu", "sigmoid", "tanh",
+    "gelu", "gelu_tanh", "silu", "mish", "softplus",
+)  # fmt: skip
+ACTIVATION_IDS = {name: i for i, name in enumerate(NAMES)}
+
+
+def uses_output(act_id: int) -> bool:
+    """True when f′ is computed from the output a (ids 0-4), False when it needs z (ids 5-9)."""
+    return act_id < 5
+
+
+SQRT_HALF: tl.constexpr = tl.constexpr(0.7071067811865476)  # 1/√2
+INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)  # 1/√(2π)
+SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)  # √(2/π)
+GELU_TANH_C: tl.constexpr = tl.constexpr(0.044715)
+SOFTPLUS_THRESHOLD: tl.constexpr = tl.constexpr(20.0)  # PyTorch default, beta = 1
+
+
+@triton.jit
+def tanh(x):
+    """tanh without overflow or cancellation.
+
+    |x| ≥ 1/8: tanh|x| = (1 − e)/(1 + e) with e = exp(−2|x|) ∈ (0, 0.78], so exp never overflows
+    and 1 − e loses at most ~2 bits. |x| < 1/8: the odd Taylor series to x⁷ (truncation error
+    below 2e-9 relative), which avoids the cancellation of 1 − e near 0.
+    """
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def log1p(y):
+    """log(1 + y) accurate for small y (Goldberg's trick: the rounding error of u = 1 + y is
+    divided out). Used with y = exp(−|z|) ∈ (0, 1]."""
+    u = 1.0 + y
+    d = u - 1.0
+    return tl.where(d == 0.0, y, tl.log(u) * (y / d))
+
+
+@triton.jit
+def softplus(z):
+    """log(1 + eᶻ) = max(z, 0) + log1p(e^−|z|), and z itself above PyTorch's threshold 20."""
+    sp = tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))
+    return tl.where(z > SOFTPLUS_THRESHOLD, z, sp)
+
+
+@triton.jit
+def act_fn(z, ACT: tl.constexpr, negative_slope):
+    """a = f(z) for the activation ACT, in float32."""
+    if ACT == IDENTITY:
+        return z
+    elif ACT == RELU:
+        # `z <= 0` is False for NaN, so NaN propagates like torch.relu.
+        return tl.where(z <= 0.0, 0.0, z)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0.0, z, z * negative_slope)
+    elif ACT == SIGMOID:
+        return tl.sigmoid(z)
+    elif ACT == TANH:
+        return tanh(z)
+    elif ACT == GELU:
+        return 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
+    elif ACT == GELU_TANH:
+        inner = SQRT_2_OVER_PI * (z + GELU_TANH_C * z * z * z)
+        return 0.5 * z * (1.0 + tanh(inner))
+    elif ACT == SILU:
+        return z * tl.sigmoid(z)
+    elif ACT == MISH:
+        return z * tanh(softplus(z))
+    else:
+        tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
+        return softplus(z)
+
+
+@triton.jit
+def act_grad(grad, saved, ACT: tl.constexpr, negative_slope):
+    """δ = grad ⊙ f′, in float32. `saved` is a for ids 0-4 and z for ids 5-9.
+
+    relu and leaky_relu select with `tl.where` instead of multiplying by a 0/1 mask so that
+    NaN/Inf in `grad` behave as in PyTorch's threshold_backward / leaky_relu_backward
+    (0 · Inf would be NaN; a select gives 0).
+    """
+    if ACT == IDENTITY:
+        return grad
+    elif ACT == RELU:
+        # threshold_backward: a <= 0 ? 0 : grad
+        return tl.where(saved <= 0.0, 0.0, grad)
+    elif ACT == LEAKY_RELU:
+        # leaky_relu_backward: a > 0 ? grad : grad * slope (a and z have the same sign)
+        return tl.where(saved > 0.0, grad, grad * negative_slope)
+    elif ACT == SIGMOID:
+        return grad * (saved * (1.0 - saved))
+    elif ACT == TANH:
+        return grad * (1.0 - saved * saved)
+    elif ACT == GELU:
+        # d/dz [z Φ(z)] = Φ(z) + z φ(z)
+        cdf = 0.5 * (1.0 + tl.math.erf(saved * SQRT_HALF))
+        pdf = INV_SQRT_2PI * tl.exp(-0.5 * saved * saved)
+        return grad * (cdf + saved * pdf)
+    elif ACT == GELU_TANH:
+        z2 = saved * saved
+        t = tanh(SQRT_2_OVER_PI * saved * (1.0 + GELU_TANH_C * z2))
+        dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * z2)
+        return grad * (0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * dinner)
+    elif ACT == SILU:
+        s = tl.sigmoid(saved)
+        return grad * (s * (1.0 + saved * (1.0 - s)))
+    elif ACT == MISH:
+        # d/dz [z tanh(sp(z))] = tanh(sp) + z σ(z) (1 − tanh²(sp))
+        t = tanh(softplus(saved))
+        return grad * (t + saved * tl.sigmoid(saved) * (1.0 - t * t))
+    else:
+        tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
+        # softplus_backward: z > threshold ? grad : grad * σ(z)
+        return tl.where(saved > SOFTPLUS_THRESHOLD, grad, grad * tl.sigmoid(saved))

@@ -66,6 +66,10 @@ class Activation:
             return torch.where(saved > 0, grad_out, grad_out * self.negative_slope)
         return grad_out * self.derivative(saved)
 
+    def __reduce__(self) -> tuple:
+        # Pickle by name: entries hold functions, and a name is what a saved model should keep.
+        return _restore, (self.name, self.negative_slope)
+
     def native(self) -> torch.nn.Module:
         """The torch.nn module computing the same f (used by tests, convert() and benchmarks)."""
         return self.module(self.negative_slope)
@@ -160,6 +164,10 @@ _ALIASES = {"linear": "identity", "none": "identity", "swish": "silu"}
 
 #: The registry's names, in kernel-id order.
 ACTIVATIONS: tuple[str, ...] = tuple(entry.name for entry in _ENTRIES)
+
+
+def _restore(name: str, negative_slope: float) -> Activation:
+    return dataclasses.replace(_REGISTRY[name], negative_slope=negative_slope)
 
 
 def get_activation(activation: str | Activation, *, negative_slope: float | None = None) -> Activation:

@@ -5,8 +5,9 @@ Drop-in PyTorch layers whose backward pass computes the seed equations directly:
 backend everywhere and fused Triton kernels on CUDA.
 """
 
-from manualbp import functional
+from manualbp import functional, jacobian, ops, optim
 from manualbp.activations import ACTIVATIONS, Activation, get_activation
+from manualbp.convert import ConversionReport, Replacement, convert, revert
 from manualbp.backends import BACKENDS, get_backend, set_backend, use_backend
 from manualbp.nn import MLP, Linear, LinearAct
 
@@ -17,9 +18,16 @@ __all__ = [
     "BACKENDS",
     "MLP",
     "Activation",
+    "ConversionReport",
+    "Replacement",
     "Linear",
     "LinearAct",
+    "convert",
     "functional",
+    "jacobian",
+    "ops",
+    "optim",
+    "revert",
     "get_activation",
     "get_backend",
     "set_backend",

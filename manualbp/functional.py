@@ -11,13 +11,15 @@ Functions use the `setup_context` style (forward without ctx), which `torch.func
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from manualbp import backends
+from manualbp import backends, ops
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.reference import compute_dtype
 
@@ -92,16 +94,17 @@ class LinearActFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor, _grad_z: Tensor) -> tuple:
         x, weight, saved = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_input, grad_weight, grad_bias = ctx.backend.linear_backward(
-            _rows(grad_out),
-            _rows(x),
-            weight,
-            _rows(saved),
-            ctx.act,
-            need_input=need_input,
-            need_weight=need_weight,
-            need_bias=need_bias and ctx.has_bias,
-        )
+        with ops.no_autocast(x.device.type):  # backward called inside an autocast block
+            grad_input, grad_weight, grad_bias = ctx.backend.linear_backward(
+                _rows(grad_out),
+                _rows(x),
+                weight,
+                _rows(saved),
+                ctx.act,
+                need_input=need_input,
+                need_weight=need_weight,
+                need_bias=need_bias and ctx.has_bias,
+            )
         if grad_input is not None:
             grad_input = grad_input.view(x.shape)
         return grad_input, grad_weight, grad_bias, None, None
@@ -145,11 +148,18 @@ def linear(
     Same conventions as `torch.nn.functional.linear`: `weight` is (out_features, in_features),
     `x` is (..., in_features). `activation` is a registry name (see `manualbp.ACTIVATIONS`).
     Only the gradients autograd asks for are computed (no grad_input when `x` needs none).
+    Under `torch.autocast` it computes in the autocast dtype, as `torch.nn.functional.linear`;
+    while a graph is captured (`torch.compile`, `torch.export`) it runs as `manualbp::` ops.
     """
     act = get_activation(activation, negative_slope=negative_slope)
+    _check_tensor("input", x)  # before anything reads x.device: a list must get a clear error
+    x, weight, bias = ops.autocast_to(x.device.type, None, x, weight, bias)
     _check_linear_args(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return ops.linear(x, weight, bias, act)
     backend = backends.resolve(x.device)
-    out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
+    with ops.no_autocast(x.device.type):
+        out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
     return out
 
 
@@ -223,9 +233,7 @@ class SquaredErrorFunction(torch.autograd.Function):
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error, as `torch.nn.functional.mse_loss` (same reductions, no broadcasting)."""
-    _check_reduction(reduction)
-    _check_pair(input, target)
-    return SquaredErrorFunction.apply(input, target, reduction, 1.0, False)
+    return _squared_error(input, target, reduction, 1.0, False)
 
 
 def half_mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -234,16 +242,30 @@ def half_mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Ten
     Its gradient is simply (y − y′)/n — the ½ cancels the square's 2. "sum" gives ½ Σ‖·‖² and
     "none" the per-example ½‖y − y′‖², shape (n,).
     """
+    return _squared_error(input, target, reduction, 0.5, True)
+
+
+def _squared_error(
+    input: Tensor, target: Tensor, reduction: str, scale: float, per_example: bool
+) -> Tensor:
     _check_reduction(reduction)
+    if isinstance(input, Tensor) and isinstance(target, Tensor):
+        # Autocast runs the losses in float32 (torch's "fp32" op list).
+        input, target = ops.autocast_to(input.device.type, torch.float32, input, target)
     _check_pair(input, target)
-    return SquaredErrorFunction.apply(input, target, reduction, 0.5, True)
+    if torch.compiler.is_compiling():
+        return ops.squared_error(input, target, reduction, scale, per_example)
+    return SquaredErrorFunction.apply(input, target, reduction, scale, per_example)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Softmax + log-loss fused: C_i = logsumexp(z_i) − z_i[t_i], ∂C_i/∂z_i = softmax(z_i) − onehot(t_i).
 
-    The max trick keeps logsumexp finite; backward recomputes softmax from the logits and the
-    saved per-row logsumexp (one float per row) instead of saving an (M × classes) tensor.
+    The max trick keeps logsumexp finite: with m = max z_i, log_norm = log Σ exp(z_i − m) and
+    log softmax(z_i) = (z_i − m) − log_norm. Forward saves log_norm (one float per row) instead of
+    an (M × classes) tensor; backward recomputes m (an exact max) and the softmax from the logits.
+    Keeping log_norm apart from m, rather than saving their sum, keeps the gradient as accurate
+    as native autograd's in float32: the sum would round away low bits of log_norm.
     """
 
     @staticmethod
@@ -251,11 +273,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         z = logits.to(compute_dtype(logits.dtype))
         valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-        row_max = z.amax(dim=1, keepdim=True)
-        # All -inf rows would give (-inf) - (-inf) = NaN here, exactly as native does.
-        lse = (z - row_max).exp().sum(1).log() + row_max.squeeze(1)
-        picked = z.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-        losses = torch.where(valid, lse - picked, torch.zeros_like(lse))
+        shifted = z - z.amax(dim=1, keepdim=True)  # all -inf rows give NaN, exactly as native
+        log_norm = shifted.exp().sum(1).log()
+        picked = shifted.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        losses = torch.where(valid, log_norm - picked, torch.zeros_like(log_norm))
         count = valid.sum()
         if reduction == "none":
             loss = losses
@@ -263,30 +284,43 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = losses.sum()
         else:
             loss = losses.sum() / count  # 0/0 = NaN when every row is ignored, as native
-        return loss.to(logits.dtype), lse, count
+        return loss.to(logits.dtype), log_norm, count
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         logits, target, reduction, ignore_index = inputs
-        _, lse, count = output
-        ctx.save_for_backward(logits, target, lse, count)
-        ctx.mark_non_differentiable(lse, count)
+        _, log_norm, count = output
+        ctx.save_for_backward(logits, target, log_norm, count)
+        ctx.mark_non_differentiable(log_norm, count)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _g_lse: Tensor, _g_count: Tensor) -> tuple:
-        logits, target, lse, count = ctx.saved_tensors
-        z = logits.to(lse.dtype)
+    def backward(ctx: Any, grad_loss: Tensor, _g_log_norm: Tensor, _g_count: Tensor) -> tuple:
+        logits, target, log_norm, count = ctx.saved_tensors
+        z = logits.to(log_norm.dtype)
         valid = target != ctx.ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-        grad = (z - lse.unsqueeze(1)).exp()  # softmax, from the saved logsumexp
-        grad.scatter_add_(1, safe_target.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
-        g = grad_loss.to(lse.dtype)
+        shifted = z - z.amax(dim=1, keepdim=True)
+        grad = (shifted - log_norm.unsqueeze(1)).exp()  # softmax = exp(log softmax)
+        grad.scatter_add_(1, safe_target.unsqueeze(1), -torch.ones_like(log_norm).unsqueeze(1))
+        g = grad_loss.to(log_norm.dtype)
         if ctx.reduction == "mean":
             g = g / count
-        row_scale = torch.where(valid, g, torch.zeros_like(lse))  # ignored rows get exactly 0
+        row_scale = torch.where(valid, g, torch.zeros_like(log_norm))  # ignored rows get exactly 0
         grad = grad * row_scale.unsqueeze(1)
         return grad.to(logits.dtype), None, None, None
+
+
+def _check_ignore_index(ignore_index: Any) -> int:
+    # A str or float would otherwise fail deep inside torch.where, or silently match nothing.
+    # Anything with __index__ (numpy ints, 0-d integer tensors) is an int, as native accepts.
+    if not isinstance(ignore_index, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(ignore_index)
+    raise TypeError(
+        f"ignore_index: expected an int class index, got {type(ignore_index).__name__} "
+        f"{ignore_index!r}"
+    )
 
 
 def cross_entropy(
@@ -301,6 +335,7 @@ def cross_entropy(
     _check_reduction(reduction)
     _check_tensor("input", logits)
     _check_tensor("target", target, floating=False)
+    (logits,) = ops.autocast_to(logits.device.type, torch.float32, logits)  # fp32, as native
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
         raise TypeError(
             f"target: expected integer class indices (e.g. torch.long), got dtype {target.dtype}; "
@@ -320,17 +355,21 @@ def cross_entropy(
             "expected all tensors on the same device"
         )
     classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
+    if classes == 0:
         raise ValueError(
-            f"target: class index {value} is out of range; expected 0 <= index < {classes} "
-            f"(or ignore_index={ignore_index})"
+            f"input: logits of shape {tuple(logits.shape)} have 0 classes; expected C >= 1 "
+            "in the class dimension (dim 1, or dim 0 for 1-D logits)"
         )
+    ignore_index = _check_ignore_index(ignore_index)
     # Bring the class dimension last so every row is one example: (rows, C).
     rows = logits.unsqueeze(0) if logits.dim() == 1 else logits.movedim(1, -1)
     rows = rows.reshape(-1, classes)
-    loss, _, _ = CrossEntropyFunction.apply(rows, target.reshape(-1), reduction, ignore_index)
+    if torch.compiler.is_compiling():
+        # The class-range check reads values: the op runs it at run time instead.
+        loss = ops.cross_entropy(rows, target.reshape(-1), reduction, ignore_index)
+    else:
+        ops.check_class_range(target, classes, ignore_index)
+        loss, _, _ = CrossEntropyFunction.apply(rows, target.reshape(-1), reduction, ignore_index)
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss

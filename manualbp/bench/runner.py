@@ -1,0 +1,284 @@
+"""One benchmark run: measure the ceilings, run every case of every suite, write the outputs."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import importlib.metadata
+import itertools
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from manualbp.activations import get_activation
+from manualbp.bench.cases import Case, dtype_name
+from manualbp.bench.contenders import Contender, make_contenders
+from manualbp.bench.report import COLUMNS, add_speedups, write_csv, write_markdown, write_plot
+from manualbp.bench.suites import LAYER_OPS, Env, memory_case, run_case
+from manualbp.bench.timing import Ceilings, measure_ceilings
+
+__all__ = ["COLUMNS", "SUITES", "BenchConfig", "BenchResult", "run_benchmark"]
+
+SUITES: tuple[str, ...] = ("layer", "mlp", "loss", "memory")
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Shapes are (M, N, K): rows, output features (classes for `loss`), inputs."""
+
+    suites: Sequence[str] = ("layer", "mlp", "loss", "memory")
+    shapes: Sequence[tuple[int, int, int]] = ((256, 256, 256),)
+    loss_shapes: Sequence[tuple[int, int, int]] = ()  # (rows, classes, hidden); () = `shapes`
+    dtypes: Sequence[torch.dtype] = (torch.float32,)
+    activations: Sequence[str] = ("gelu",)
+    contenders: Sequence[str] = ("manualbp-triton", "manualbp-torch", "native", "compile")
+    memory_contenders: Sequence[str] | None = None  # None: the same as `contenders`
+    depth: int = 4
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    out: Path = Path("bench-results")
+    name: str = "bench"
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads during the run (CPU); None: leave it
+    ceilings: bool = True
+    plot: bool = True
+    progress: bool = True
+    time_budget_s: float = math.inf
+    ref64_max_flops: float = 2e10
+    command: str = ""
+    note: str = ""  # one line for the Markdown header (e.g. what else loaded the machine)
+    extra_contenders: Sequence[Contender] = field(default_factory=tuple)
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict[str, Any]]
+    paths: list[Path]
+    ceilings: Ceilings | None
+
+
+def _check_config(config: BenchConfig) -> None:
+    unknown = [s for s in config.suites if s not in SUITES]
+    if unknown or not config.suites:
+        raise ValueError(f"suites: expected some of {', '.join(SUITES)}, got {list(config.suites)}")
+    for shape in [*config.shapes, *config.loss_shapes]:
+        if len(shape) != 3 or any(int(v) < 1 for v in shape):
+            raise ValueError(f"shapes: expected (M, N, K) of positive ints, got {shape}")
+    for activation in config.activations:
+        get_activation(activation)  # raises ValueError naming the known activations
+    if config.depth < 1:
+        raise ValueError(f"depth: expected a positive int, got {config.depth}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name}, threads={torch.get_num_threads()}"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cases(config: BenchConfig) -> tuple[list[Case], list[Case]]:
+    """Timing cases suite by suite (layer, mlp, loss), then the memory cases: with a time
+    budget, what runs out is the end of this list."""
+    shapes = list(config.shapes)
+    loss_shapes = list(config.loss_shapes) if config.loss_shapes else shapes
+    per_suite: dict[str, list[Case]] = {"layer": [], "mlp": [], "loss": []}
+    for dtype in config.dtypes:
+        for (M, N, K), activation in itertools.product(shapes, config.activations):
+            per_suite["layer"].append(Case("layer", M, N, K, dtype, activation))
+            per_suite["mlp"].append(Case("mlp", M, N, K, dtype, activation, config.depth))
+        # the loss head has no activation: one case per shape and dtype
+        per_suite["loss"] += [Case("loss", M, N, K, dtype, "") for M, N, K in loss_shapes]
+    timing = [
+        case for suite in ("layer", "mlp", "loss") if suite in config.suites for case in per_suite[suite]
+    ]
+    memory = per_suite["layer"] + per_suite["mlp"] + per_suite["loss"] if "memory" in config.suites else []
+    return timing, memory
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """Yields advance(description); rich if installed, tqdm else, silence when disabled."""
+    if enabled:
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns) as progress:
+                task = progress.add_task("benchmark", total=total)
+                yield lambda text: progress.update(task, advance=1, description=text)
+            return
+        except ImportError:
+            pass
+        try:
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            with tqdm(total=total) as bar:
+
+                def advance(text: str) -> None:
+                    bar.set_description(text)
+                    bar.update(1)
+
+                yield advance
+            return
+        except ImportError:
+            pass
+    yield lambda text: None
+
+
+def _skipped(case: Case, contenders: Sequence[Contender], note: str, memory: bool) -> list[dict[str, Any]]:
+    ops = {"layer": LAYER_OPS, "mlp": ("train_step",), "loss": ("fwd+bwd",)}[case.suite]
+    rows = []
+    for contender in contenders:
+        for op in ops if not memory else (case.suite,):
+            rows.append(
+                {
+                    "suite": "memory" if memory else case.suite,
+                    "case": case.label,
+                    "M": case.M,
+                    "N": case.N,
+                    "K": case.K,
+                    "depth": case.depth,
+                    "dtype": dtype_name(case.dtype),
+                    "activation": case.activation,
+                    "op": op,
+                    "variant": "",
+                    "contender": contender.name,
+                    "status": "skipped",
+                    "note": note,
+                }
+            )
+    return rows
+
+
+def _header(config: BenchConfig, tags: dict[str, str], ceilings: Ceilings | None) -> list[str]:
+    lines = [
+        "# manualbp benchmark",
+        "",
+        f"- command: `{config.command or '(called from Python)'}`",
+        f"- date: {tags['date']}",
+        f"- device: {tags['device']}; torch {tags['torch']}; triton {tags['triton']}",
+        f"- TF32 matmuls allowed: {torch.backends.cuda.matmul.allow_tf32}",
+    ]
+    if config.note:
+        lines.append(f"- note: {config.note}")
+    if ceilings is not None:
+        for dtype, peak in ceilings.peak_flops.items():
+            n = ceilings.matmul_size[dtype]
+            lines.append(
+                f"- measured peak matmul rate, {dtype_name(dtype)}: {peak / 1e12:.3g} TFLOP/s "
+                f"({n}×{n}×{n}, 20 % quantile of the times)"
+            )
+        lines.append(
+            f"- measured copy bandwidth: {ceilings.bandwidth / 1e9:.3g} GB/s "
+            f"(copy_ of {ceilings.copy_bytes // 2 / 2**20:.0f} MiB, read + write counted, 20 % quantile)"
+        )
+    lines += [
+        "",
+        "Times are medians (CUDA: triton.testing.do_bench; CPU: torch.utils.benchmark blocked_autorange). "
+        "`× native` = native eager's median ÷ this median (> 1 is faster). The floor is the roofline "
+        "bound max(FLOPs ÷ peak matmul rate, minimal bytes ÷ copy bandwidth) from the ceilings above; "
+        "`% of floor` = floor ÷ median. Every contender's output and gradients were checked against "
+        "native autograd before timing (`max rel err`); a wrong result is an `error` row.",
+        "",
+    ]
+    return lines
+
+
+def run_benchmark(config: BenchConfig) -> BenchResult:
+    """Run `config`; write `<name>.csv`, `<name>.md`, `<name>.png` into `config.out`."""
+    _check_config(config)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: BenchConfig) -> BenchResult:
+    device = torch.device(config.device)
+    contenders = make_contenders(config.contenders) + list(config.extra_contenders)
+    memory_contenders = (
+        contenders if config.memory_contenders is None else make_contenders(config.memory_contenders)
+    )
+    timing_cases, memory_cases = _cases(config)
+    tags = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+    }
+    ceilings = (
+        measure_ceilings(device, list(config.dtypes), config.warmup_ms, config.rep_ms)
+        if config.ceilings
+        else None
+    )
+    env = Env(device, config.warmup_ms, config.rep_ms, ceilings, config.seed, config.ref64_max_flops)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    total = len(contenders) * len(timing_cases) + len(memory_contenders) * len(memory_cases)
+    with _progress(total, config.progress) as advance:
+        try:
+            for case, memory in [(c, False) for c in timing_cases] + [(c, True) for c in memory_cases]:
+                label = f"{'memory ' if memory else ''}{case.suite} {case.label} {dtype_name(case.dtype)}"
+                who = memory_contenders if memory else contenders
+                if time.perf_counter() - start > config.time_budget_s:
+                    rows += _skipped(case, who, "time budget spent", memory)
+                    for _ in who:
+                        advance(label)
+                    continue
+                suite = memory_case if memory else run_case
+                rows += suite(case, who, env, functools.partial(advance, label))
+        except KeyboardInterrupt:
+            # Interrupted (e.g. `timeout -s INT`): still write what was measured.
+            rows.append(
+                {
+                    "suite": "run",
+                    "status": "interrupted",
+                    "note": "stopped by SIGINT; rows after this are missing",
+                }
+            )
+    add_speedups(rows)
+    for row in rows:
+        row.update({k: v for k, v in tags.items()})
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{config.name}.csv", out / f"{config.name}.md"]
+    write_csv(rows, paths[0])
+    write_markdown(rows, paths[1], _header(config, tags, ceilings))
+    if config.plot:
+        png = out / f"{config.name}.png"
+        peaks = {dtype_name(d): p for d, p in ceilings.peak_flops.items()} if ceilings else {}
+        title = f"manualbp bench — {tags['device']} — torch {tags['torch']} — {tags['date']}"
+        if write_plot(rows, png, title, peaks):
+            paths.append(png)
+    return BenchResult(rows, paths, ceilings)

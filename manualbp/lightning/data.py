@@ -1,0 +1,206 @@
+"""DataModules for the experiments: small, seeded, and nothing downloaded.
+
+* `DigitsDataModule` — scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes).
+* `RegressionDataModule` — a smooth nonlinear function of three inputs plus Gaussian noise.
+* `LinearNeuronDataModule` — the seed's worked example: a linear neuron y = x₁w₁ + x₂w₂ and the
+  single training case (x₁, x₂, t) = (1, 1, 0).
+
+Every split and every shuffle order comes from `seed` alone (a private `torch.Generator`), so two
+modules built with the same arguments hand out identical batches whatever the global RNG does.
+Batches are `(x, target)` pairs: x float32, target int64 class indices (digits) or float32 (N, 1)
+values; `Trainer(precision="64-true")` converts them to float64 on the way in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["DigitsDataModule", "LinearNeuronDataModule", "RegressionDataModule"]
+
+# A pixel that is constant over the training images (several border pixels are always 0) has
+# standard deviation 0. It is only centred (divided by 1, as scikit-learn's StandardScaler does):
+# dividing by a tiny floor would blow up the odd validation image that does use that pixel.
+_STD_FLOOR = 1e-6
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{name}: expected a fraction in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def split_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A seeded random permutation of range(n) cut into train / val / test index tensors."""
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if n_val + n_test >= n:
+        raise ValueError(
+            f"val_fraction + test_fraction: {val_fraction} + {test_fraction} leaves no training "
+            f"examples out of {n}; expected a sum below 1"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
+
+class _TensorDataModule(pl.LightningDataModule):
+    """Shared plumbing: tensors built once in `setup`, loaders with a seeded shuffle."""
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self._build()
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(_TensorDataModule):
+    """scikit-learn's 8×8 digits: 64 pixel features (0–16), 10 classes, split train/val/test.
+
+    With `normalize` (the default) every pixel is standardised with the mean and standard
+    deviation of the *training* split — the seed notes that backpropagation does not need
+    normalised inputs but that normalisation can help, and here it does. `normalize=False`
+    keeps the raw 0–16 intensities.
+    """
+
+    num_features = 64
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        normalize: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, num_workers)
+        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.test_fraction = _check_fraction("test_fraction", test_fraction)
+        self.normalize = normalize
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+
+    def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        try:
+            from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+        except ImportError as err:
+            raise ImportError(
+                "DigitsDataModule: needs scikit-learn for its bundled digits; pip install scikit-learn"
+            ) from err
+
+        digits = load_digits()
+        x = torch.as_tensor(digits.data, dtype=torch.float32)
+        y = torch.as_tensor(digits.target, dtype=torch.long)
+        train, val, test = split_indices(len(x), self.val_fraction, self.test_fraction, self.seed)
+        if self.normalize:
+            self.mean = x[train].mean(0)
+            std = x[train].std(0)
+            self.std = torch.where(std > _STD_FLOOR, std, torch.ones_like(std))
+            x = (x - self.mean) / self.std
+        return tuple(TensorDataset(x[idx], y[idx]) for idx in (train, val, test))  # type: ignore[return-value]
+
+
+def regression_target(x: Tensor) -> Tensor:
+    """The noiseless function RegressionDataModule samples: sin(πx₀) + x₁x₂ + ½x₂², shape (N, 1)."""
+    x0, x1, x2 = x.unbind(-1)
+    return (torch.sin(math.pi * x0) + x1 * x2 + 0.5 * x2 * x2).unsqueeze(-1)
+
+
+class RegressionDataModule(_TensorDataModule):
+    """Synthetic regression: x uniform in [−1, 1]³, t = sin(πx₀) + x₁x₂ + ½x₂² + noise·N(0, 1)."""
+
+    num_features = 3
+    num_outputs = 1
+
+    def __init__(
+        self,
+        num_samples: int = 2048,
+        noise: float = 0.05,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, num_workers)
+        self.num_samples = _check_positive_int("num_samples", num_samples)
+        if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise!r}")
+        self.noise = float(noise)
+        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.test_fraction = _check_fraction("test_fraction", test_fraction)
+
+    def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        gen = torch.Generator().manual_seed(self.seed)
+        x = torch.rand(self.num_samples, self.num_features, generator=gen) * 2 - 1
+        noise = torch.randn(self.num_samples, 1, generator=gen) * self.noise
+        t = regression_target(x) + noise
+        train, val, test = split_indices(len(x), self.val_fraction, self.test_fraction, self.seed)
+        return tuple(TensorDataset(x[idx], t[idx]) for idx in (train, val, test))  # type: ignore[return-value]
+
+
+class LinearNeuronDataModule(_TensorDataModule):
+    """The seed's linear neuron: inputs (x₁, x₂) = (1, 1), target t = 0, and nothing else.
+
+    An epoch repeats the one case `steps_per_epoch` times (batch size 1), so each optimiser step
+    is the seed's update Δw = −η ∂E/∂w on that case. Validation and test use the same case.
+    """
+
+    num_features = 2
+    num_outputs = 1
+
+    def __init__(self, steps_per_epoch: int = 10, seed: int = 0) -> None:
+        super().__init__(batch_size=1, seed=seed)
+        self.steps_per_epoch = _check_positive_int("steps_per_epoch", steps_per_epoch)
+
+    def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        x = torch.tensor([[1.0, 1.0]])
+        t = torch.tensor([[0.0]])
+        repeated = TensorDataset(x.repeat(self.steps_per_epoch, 1), t.repeat(self.steps_per_epoch, 1))
+        single = TensorDataset(x, t)
+        return repeated, single, single

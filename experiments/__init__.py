@@ -1,0 +1,1 @@
+"""Users' entry points: `python -m experiments.train` (LightningCLI), `experiments.train_digits`."""

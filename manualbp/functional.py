@@ -23,7 +23,15 @@ from manualbp import backends, ops
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.reference import compute_dtype
 
-__all__ = ["linear", "mse_loss", "half_mse_loss", "cross_entropy", "REDUCTIONS"]
+__all__ = [
+    "linear",
+    "mse_loss",
+    "half_mse_loss",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "linear_mse_loss",
+    "REDUCTIONS",
+]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -373,3 +381,8 @@ def cross_entropy(
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss
+
+
+# The fused heads (linear layer + loss, chunked over rows) live in their own module; they are part
+# of the functional API. Imported last: fused_loss uses this module's checks.
+from manualbp.fused_loss import linear_cross_entropy, linear_mse_loss  # noqa: E402

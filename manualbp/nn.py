@@ -7,21 +7,26 @@ state_dict keys — and call :func:`manualbp.functional.linear`, whose backward 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from manualbp import backends, ops
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
+from manualbp.network import mlp_network
 
 __all__ = ["Linear", "LinearAct", "MLP"]
 
 
 def _check_features(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # Anything with __index__ (numpy integers, as nn.Linear takes them), but not bool or float.
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    value = operator.index(value)
     if value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return value
@@ -86,7 +91,7 @@ class LinearAct(nn.Module):
         negative_slope: float | None = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.act = get_activation(activation, negative_slope=negative_slope)
@@ -118,9 +123,18 @@ class LinearAct(nn.Module):
 
 
 class MLP(nn.Module):
-    """A stack of `LinearAct` layers: sizes [in, h1, ..., out], `activation` on the hidden layers,
-    `output_activation` on the last. State_dict keys are ``layers.{i}.weight`` / ``layers.{i}.bias``.
+    """A stack of `LinearAct` layers: sizes [in, h1, ..., out], `activation` on the hidden
+    layers, `output_activation` on the last. State_dict keys are ``layers.{i}.weight`` and
+    ``layers.{i}.bias``.
+
+    mode="network" (default) runs the whole stack as one autograd node whose backward is the seed's
+    δ recursion (:mod:`manualbp.network`): one activation-sized tensor kept per layer at most.
+    mode="layers" chains the layers' own autograd nodes (one per `LinearAct`), for comparison.
+    recompute=True (network mode only) keeps just the block input and reruns the forward in
+    backward, trading one forward pass for the activations' memory.
     """
+
+    MODES = ("network", "layers")
 
     def __init__(
         self,
@@ -132,14 +146,27 @@ class MLP(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         negative_slope: float | None = None,
+        mode: str = "network",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
             raise TypeError(f"sizes: expected a sequence of ints [in, h1, ..., out], got {sizes!r}")
         if len(sizes) < 2:
-            raise ValueError(f"sizes: expected at least [in_features, out_features], got {list(sizes)}")
+            raise ValueError(
+                f"sizes: expected at least [in_features, out_features], got {list(sizes)}"
+            )
         for i, size in enumerate(sizes):
             _check_features(f"sizes[{i}]", size)
+        if mode not in self.MODES:
+            raise ValueError(f"mode: expected one of {', '.join(self.MODES)}, got {mode!r}")
+        if not isinstance(recompute, bool):
+            raise TypeError(
+                f"recompute: expected a bool, got {type(recompute).__name__} {recompute!r}"
+            )
+        if recompute and mode != "network":
+            raise ValueError(f"recompute: True needs mode='network', got mode={mode!r}")
+        self.mode, self.recompute = mode, recompute
         self.sizes = [int(s) for s in sizes]
         hidden = get_activation(activation, negative_slope=negative_slope)
         last = get_activation(output_activation)
@@ -152,17 +179,45 @@ class MLP(nn.Module):
                 device=device,
                 dtype=dtype,
             )
-            for i, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:]))
+            for i, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:], strict=True))
         )
 
     def reset_parameters(self) -> None:
-        for layer in self.layers:
+        for layer in cast(list[LinearAct], list(self.layers)):
             layer.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
-        for layer in self.layers:
-            input = layer(input)
-        return input
+        # While a graph is captured (torch.compile/export) the per-layer path runs: each layer is
+        # then one `manualbp::` custom op, which the tracer can handle.
+        if self.mode == "layers" or torch.compiler.is_compiling():
+            for layer in self.layers:
+                input = layer(input)
+            return input
+        MF._check_tensor("input", input)
+        layers = cast(list[LinearAct], list(self.layers))
+        weights = [layer.weight for layer in layers]
+        biases = [layer.bias for layer in layers]
+        # Under torch.autocast every layer computes in the autocast dtype, as nn.Linear would.
+        device_type = input.device.type
+        input, *weights = ops.autocast_to(device_type, None, input, *weights)
+        biases = list(ops.autocast_to(device_type, None, *biases))
+        MF._check_linear_args(input, weights[0], biases[0])
+        for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+            MF._check_same(f"layers.{i}.weight", weight, "input", input)
+            if bias is not None:
+                MF._check_same(f"layers.{i}.bias", bias, "input", input)
+        with ops.no_autocast(device_type):
+            return mlp_network(
+                input,
+                weights,
+                biases,
+                [layer.act for layer in layers],
+                backend=backends.resolve(input.device),
+                recompute=self.recompute,
+            )
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}"
+        text = f"sizes={self.sizes}"
+        if self.mode != "network" or self.recompute:
+            text += f", mode={self.mode}, recompute={self.recompute}"
+        return text

@@ -1,0 +1,431 @@
+"""Whole-network backpropagation: the seed's δ recursion as one autograd Function.
+
+A per-layer MLP is L autograd nodes, each handing a (M, in) input gradient to the next, which
+multiplies it by its f′. Here the stack is one node and its backward is the seed's loop itself,
+from the last layer to the first:
+
+    δᴸ     = ∂C/∂aᴸ ⊙ f′ᴸ
+    ∇Wˡ    = δˡᵀ aˡ⁻¹          (aˡ⁻¹ is the layer's input; a⁰ = x)
+    ∇bˡ    = Σ_rows δˡ
+    δˡ⁻¹   = f′ˡ⁻¹ ⊙ (δˡ Wˡ)    formed at once, in the epilogue of the input-gradient GEMM on Triton
+
+Only what autograd asks for is computed: the loop stops at the lowest layer that owns a parameter
+needing a gradient (or at the input, when it requires grad).
+
+What forward keeps (DESIGN.md, "What the backward saves"): at most one activation-sized tensor per
+layer, the one f′ is read from — `a` for output-derivable activations (which is also the next
+layer's input, so its weight gradient costs nothing more) and `z` for GELU-class ones, whose `a`
+is recomputed as f(z) when the next layer's weight gradient needs it. The last layer with an
+identity activation keeps nothing at all. Native autograd keeps both z and a for GELU-class
+layers, so this is half its activation memory. With `recompute=True` only the block input is kept
+and backward reruns the forward first (activation checkpointing of the whole block).
+
+Peak memory: the kept tensors are released when this node's backward returns, not layer by layer
+as the per-layer nodes release theirs, so at the end of backward they coexist with all parameter
+gradients. Where activations dominate (rows ≫ width) the peak is still at or below native's; for
+few rows and wide layers it can be above it (experiments/bench_memory.py measures both).
+
+For 16-bit storage the recomputed a = f(z) starts from the stored (rounded) z, where forward
+rounded f of the float32 z: the two can differ in the last bit. In float32/float64 they are equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from manualbp.activations import Activation
+from manualbp.backends import reference
+from manualbp.backends.reference import compute_dtype
+
+__all__ = [
+    "MLPFunction",
+    "NetworkPlan",
+    "SavedBytes",
+    "mlp_network",
+    "reference_step",
+    "saved_tensor_bytes",
+    "step_for",
+    "triton_step",
+]
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """The static description of a stack: activations, which layers have a bias, the backend."""
+
+    acts: tuple[Activation, ...]
+    has_bias: tuple[bool, ...]
+    backend: ModuleType
+    recompute: bool = False
+
+    @property
+    def depth(self) -> int:
+        return len(self.acts)
+
+    def keeps(self, layer: int) -> bool:
+        """Whether layer `layer` keeps its `a`/`z` for backward: all but an identity last layer."""
+        return not (layer == self.depth - 1 and self.acts[layer].name == "identity")
+
+    def split(self, params: Sequence[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+        """(weight, bias) per layer from the flat parameter list [W1, b1?, W2, b2?, ...]."""
+        out: list[tuple[Tensor, Tensor | None]] = []
+        i = 0
+        for has_bias in self.has_bias:
+            weight, i = params[i], i + 1
+            bias: Tensor | None = None
+            if has_bias:
+                bias, i = params[i], i + 1
+            out.append((weight, bias))
+        return out
+
+
+# ------------------------------------------------------------------------------ backend steps
+#
+# One step of the backward loop, for layer l:
+#     δ          = grad ⊙ f′(saved)   (act is identity when `grad` already is δ)
+#     grad_weight = δᵀ x,  grad_bias = Σ δ
+#     grad_prev   = δ W ⊙ f′_prev(prev_saved)   (prev_act None: the plain input gradient δ W)
+# Every tensor is 2-D (rows flattened); the step returns its results in the storage dtypes.
+
+Step = Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
+
+
+def reference_step(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor | None,
+    act: Activation,
+    prev_saved: Tensor | None,
+    prev_act: Activation | None,
+    *,
+    need_prev: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The step in plain PyTorch; 16-bit operands are computed in float32 and rounded once."""
+    cdt = compute_dtype(grad.dtype)
+    delta = grad.to(cdt) if saved is None else act.delta(grad.to(cdt), saved.to(cdt))
+    grad_weight = (delta.t() @ x.to(cdt)).to(weight.dtype) if need_weight else None
+    grad_bias = delta.sum(0).to(weight.dtype) if need_bias else None
+    grad_prev = None
+    if need_prev:
+        grad_prev = delta @ weight.to(cdt)
+        if prev_act is not None:
+            # δˡ⁻¹ = f′ˡ⁻¹ ⊙ (δˡ Wˡ): rounded once, after the product, as the fused epilogue does.
+            grad_prev = prev_act.delta(grad_prev, prev_saved.to(cdt))  # type: ignore[union-attr]
+        grad_prev = grad_prev.to(x.dtype)
+    return grad_prev, grad_weight, grad_bias
+
+
+def step_for(backend: ModuleType) -> Step:
+    """The backward step of `backend`: its own `network_step` if it has one, else the reference's.
+
+    A backend module may define `network_step` with the signature of :func:`reference_step`
+    (the Triton backend forms δˡ⁻¹ in the input-gradient GEMM's epilogue).
+    """
+    if backend is reference:
+        return reference_step
+    step = getattr(backend, "network_step", None)
+    return step if step is not None else triton_step
+
+
+# ------------------------------------------------------------------------------ forward pieces
+
+
+def _forward_layers(
+    x: Tensor, plan: NetworkPlan, layers: list[tuple[Tensor, Tensor | None]]
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Run the stack; returns the output and, per layer, the tensor backward keeps (or None)."""
+    kept: list[Tensor | None] = []
+    a = x
+    for i, (act, (weight, bias)) in enumerate(zip(plan.acts, layers, strict=True)):
+        a, saved = plan.backend.linear_forward(a, weight, bias, act)
+        kept.append(saved if plan.keeps(i) else None)
+    return a, kept
+
+
+def _layer_input(x: Tensor, plan: NetworkPlan, kept: Sequence[Tensor | None], layer: int) -> Tensor:
+    """aˡ⁻¹, the input of layer `layer`: x, the kept a, or f(z) recomputed from the kept z."""
+    if layer == 0:
+        return x
+    prev_act, prev = plan.acts[layer - 1], kept[layer - 1]
+    assert prev is not None  # every layer but an identity last one keeps its tensor
+    if prev_act.uses_output:
+        return prev
+    return prev_act(prev.to(compute_dtype(prev.dtype))).to(prev.dtype)
+
+
+def _lowest_needed(needs_x: bool, needs_layer: Sequence[bool]) -> int:
+    """The lowest layer the backward loop must reach (−1 when the input needs a gradient)."""
+    if needs_x:
+        return -1
+    return next((i for i, need in enumerate(needs_layer) if need), len(needs_layer))
+
+
+# ------------------------------------------------------------------------------ the Function
+
+
+class MLPFunction(torch.autograd.Function):
+    """aᴸ = fᴸ(Wᴸ ⋯ f¹(W¹x + b¹) ⋯ + bᴸ) forward; the seed's δ recursion backward.
+
+    Inputs: `x` (M, in) — already flattened to rows —, the plan, and the parameters as a flat
+    list [W1, b1?, W2, b2?, ...]. Outputs: the network output and the kept tensors (returned so
+    that `setup_context` can save them; non-differentiable).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, plan: NetworkPlan, *params: Tensor) -> tuple[Tensor, ...]:
+        out, kept = _forward_layers(x, plan, plan.split(params))
+        if plan.recompute:
+            kept = [None] * plan.depth  # dropped here; backward reruns the forward
+        # A kept tensor that is the output itself (last layer, f′ from a) is not returned twice:
+        # setup_context takes it from the output.
+        empty = out.new_empty(0)
+        return (out, *(empty if k is None or k is out else k for k in kept))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        x, plan, *params = inputs
+        out, kept = output[0], list(output[1:])
+        ctx.mark_non_differentiable(*kept)
+        # The kept outputs never receive a gradient: without this autograd would allocate an
+        # (M × width) tensor of zeros for each of them at the start of backward.
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        saved: list[Tensor | None] = [None] * plan.depth
+        if not plan.recompute:
+            for i, k in enumerate(kept):
+                if not plan.keeps(i):
+                    continue
+                last_a = i == plan.depth - 1 and plan.acts[i].uses_output
+                saved[i] = out if last_a else k
+        ctx.save_for_backward(x, *params, *saved)
+
+    @staticmethod
+    @once_differentiable  # the loop below is not itself differentiable: say so, not wrong answers
+    def backward(ctx: Any, grad_out: Tensor, *_grad_kept: Tensor) -> tuple:
+        plan: NetworkPlan = ctx.plan
+        x, *rest = ctx.saved_tensors
+        if grad_out is None:  # possible only without materialized grads: nothing flows back
+            return (None,) * (len(ctx.needs_input_grad))
+        n_params = len(rest) - plan.depth
+        params, kept = rest[:n_params], list(rest[n_params:])
+        layers = plan.split(params)
+        with _no_autocast(x.device.type):  # backward may run inside an autocast block
+            return _backward_loop(ctx.needs_input_grad, plan, x, kept, layers, grad_out)
+
+
+def _backward_loop(
+    needs_input_grad: tuple[bool, ...],
+    plan: NetworkPlan,
+    x: Tensor,
+    kept: list[Tensor | None],
+    layers: list[tuple[Tensor, Tensor | None]],
+    grad_out: Tensor,
+) -> tuple:
+    """The seed's loop from the last layer down to the lowest one a gradient is wanted for."""
+    if plan.recompute:
+        with torch.no_grad():
+            _, kept = _forward_layers(x, plan, layers)
+    # Which gradients autograd wants, per layer: (weight, bias).
+    flags = needs_input_grad[2:]
+    wants = [(bool(flags[j]), bool(flags[j + 1]) if b else False) for j, b in _offsets(plan)]
+    lowest = _lowest_needed(bool(needs_input_grad[0]), [w or b for w, b in wants])
+    step = step_for(plan.backend)
+
+    grads: list[Tensor | None] = [None] * len(flags)
+    grad_x = None
+    grad: Tensor | None = grad_out
+    top = plan.depth - 1
+    for layer in range(top, max(lowest, 0) - 1, -1):
+        weight, _ = layers[layer]
+        need_weight, need_bias = wants[layer]
+        has_prev = layer > 0
+        need_prev = layer - 1 >= lowest
+        assert grad is not None  # every step above this one was asked for δ (need_prev)
+        grad, grad_weight, grad_bias = step(
+            grad,
+            _layer_input(x, plan, kept, layer),
+            weight,
+            kept[layer] if layer == top else None,
+            plan.acts[layer] if layer == top else _IDENTITY,
+            kept[layer - 1] if has_prev and need_prev else None,
+            plan.acts[layer - 1] if has_prev else None,
+            need_prev=need_prev,
+            need_weight=need_weight,
+            need_bias=need_bias,
+        )
+        j, has_bias = _offsets(plan)[layer]
+        grads[j] = grad_weight
+        if has_bias:
+            grads[j + 1] = grad_bias
+        if layer == 0:
+            grad_x = grad
+    return (grad_x, None, *grads)
+
+
+def _offsets(plan: NetworkPlan) -> list[tuple[int, bool]]:
+    """Per layer: index of its weight in the flat parameter list, and whether a bias follows."""
+    out, j = [], 0
+    for has_bias in plan.has_bias:
+        out.append((j, has_bias))
+        j += 2 if has_bias else 1
+    return out
+
+
+@contextlib.contextmanager
+def _no_autocast(device_type: str) -> Iterator[None]:
+    """Autocast off: the steps choose their own accumulation dtype (as manualbp.ops does)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def _identity() -> Activation:
+    from manualbp.activations import get_activation
+
+    return get_activation("identity")
+
+
+_IDENTITY = _identity()
+
+
+def mlp_network(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    acts: Sequence[Activation],
+    *,
+    backend: ModuleType,
+    recompute: bool = False,
+) -> Tensor:
+    """The stack as one autograd node. `x` is (..., in); leading dimensions are kept.
+
+    The caller checks shapes and dtypes (the modules do); `backend` is a resolved backend module.
+    """
+    if not (len(weights) == len(biases) == len(acts) > 0):
+        raise ValueError(
+            f"weights/biases/acts: expected the same positive length, got "
+            f"{len(weights)}/{len(biases)}/{len(acts)}"
+        )
+    plan = NetworkPlan(
+        acts=tuple(acts),
+        has_bias=tuple(b is not None for b in biases),
+        backend=backend,
+        recompute=bool(recompute),
+    )
+    params: list[Tensor] = []
+    for weight, bias in zip(weights, biases, strict=True):
+        params.append(weight)
+        if bias is not None:
+            params.append(bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out, *_ = MLPFunction.apply(rows, plan, *params)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class SavedBytes:
+    """What autograd saved for backward, by distinct storage (views of one storage count once)."""
+
+    storages: dict[int, int] = field(default_factory=dict)  # data_ptr -> bytes
+    references: int = 0  # every tensor packed, including repeats and excluded ones
+
+    @property
+    def count(self) -> int:
+        return len(self.storages)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def saved_tensor_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> SavedBytes:
+    """Call `run()` and record every tensor autograd saves for backward while it runs.
+
+    Tensors are identified by their storage, so a view and its base, or the same tensor saved by
+    two nodes, count once. Storages of `exclude` (the parameters, the caller's input — memory the
+    caller holds anyway) are left out. Measured with `torch.autograd.graph.saved_tensors_hooks`.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    result = SavedBytes()
+
+    def pack(t: Tensor) -> Tensor:
+        result.references += 1
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip and storage.nbytes() > 0:
+            result.storages[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # Hold the output (and so the graph and every saved tensor) until all packing is done,
+        # so no saved storage is freed and its address reused by a later one.
+        output = run()
+    del output
+    return result
+
+
+# ------------------------------------------------------------------------------ Triton step
+
+
+def triton_step(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor | None,
+    act: Activation,
+    prev_saved: Tensor | None,
+    prev_act: Activation | None,
+    *,
+    need_prev: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The step on the Triton kernels: δˡ⁻¹ = f′ˡ⁻¹ ⊙ (δˡ Wˡ) in the input-gradient GEMM's epilogue.
+
+    Only the top layer receives ∂C/∂aᴸ (act ≠ identity); every lower layer receives δ itself
+    from the epilogue of the layer above, so its GEMMs read it as a plain operand. At the top,
+    δᴸ is formed once by the δ pass when both GEMMs need it, else in the one GEMM's prologue
+    (the choice argued in manualbp/backends/triton.py).
+    """
+    from manualbp.triton_kernels import delta as delta_pass
+    from manualbp.triton_kernels import linear_grad_input, linear_grad_weight
+
+    act_id, slope = act.kernel_id, act.negative_slope
+    need_weight_pass = need_weight or need_bias
+    if act_id != 0 and need_prev and need_weight_pass:
+        grad = delta_pass.linear_delta(grad, saved, act_id, slope)
+        act_id, saved = 0, None
+    grad_prev = grad_weight = grad_bias = None
+    if need_prev:
+        prev_id = 0 if prev_act is None else prev_act.kernel_id
+        grad_prev = linear_grad_input.linear_grad_input(
+            grad,
+            weight,
+            saved,
+            act_id,
+            slope,
+            prev_act_id=prev_id,
+            prev_saved=prev_saved if prev_id != 0 else None,
+            prev_negative_slope=0.01 if prev_act is None else prev_act.negative_slope,
+        )
+    if need_weight_pass:
+        grad_weight, grad_bias = linear_grad_weight.linear_grad_weight(
+            grad, x, saved, act_id, slope, need_weight=need_weight, need_bias=need_bias
+        )
+    return grad_prev, grad_weight, grad_bias

@@ -7,6 +7,7 @@ argument fails in Python with a message naming it, never inside a kernel.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -17,6 +18,18 @@ import triton.language as tl
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: `alloc(shape, dtype, device) -> Tensor`, the launchers' optional output allocator.
+Alloc = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Default allocator of every buffer a launcher creates (outputs, δ, split partials).
+
+    Launchers look it up at call time (`_utils.empty`), so the tests replace it with one that
+    fills buffers with NaN: an element a kernel forgets to write then fails the comparison.
+    """
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -32,6 +45,64 @@ def upcast(x, UPCAST: tl.constexpr):
         return x.to(tl.float32)
     else:
         return x
+
+
+def autotune_enabled() -> bool:
+    """False when MANUALBP_TRITON_AUTOTUNE=0: launches then use the first (largest) config of
+    their list. Read at call time. Useful for tests on a GPU (one compile per variant instead of
+    one per config) and for bitwise reproducibility across processes (the autotuner may pick a
+    different tile, hence a different summation order, in another run)."""
+    return os.environ.get("MANUALBP_TRITON_AUTOTUNE", "1") != "0"
+
+
+def launch_kwargs(config: triton.Config) -> dict:
+    """Keyword arguments that launch a plain `@triton.jit` kernel with `config`."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def launch_first_fitting(kernel, grid, configs: list[triton.Config], *args, **kwargs) -> None:
+    """Launch `kernel` with the first of `configs` that the device can run (the path taken when
+    autotuning is off). A configuration whose shared memory exceeds the device — fp32 with
+    deep pipelines on sm_80 — raises OutOfResources at launch; the next one is tried."""
+    from triton.runtime.errors import OutOfResources
+
+    for config in configs:
+        try:
+            kernel[grid](*args, **kwargs, **launch_kwargs(config))
+            return
+        except OutOfResources:
+            continue
+    name = getattr(kernel, "__name__", "kernel")
+    raise RuntimeError(f"{name}: no configuration fits the device's shared memory")
+
+
+def gemm_config(
+    block_m: int, block_n: int, block_k: int, warps: int, stages: int, group: str = "GROUP_M"
+) -> triton.Config:
+    """A GEMM launch configuration: tile sizes, `group` = 8 tiles per L2 group, warps, stages."""
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, group: 8},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+@triton.jit
+def downcast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Round the float32 `x` to `dtype` (the storage dtype of an output or of δ).
+
+    The companion of `upcast`, under the same constexpr: the interpreter converts float32 to
+    bfloat16 by truncation (round toward zero), a GPU rounds to nearest even (cvt.rn.bf16.f32).
+    Truncation is biased, and summed over a GEMM it doubles or triples the error of a bfloat16
+    result, so when UPCAST is set the rounding to nearest even is done here on the bits (NaN
+    passes through) and the final conversion is exact. On a GPU this is a plain `.to(dtype)`.
+    """
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(dtype)
+    else:
+        return x.to(dtype)  # includes fp32 split partials, which must not be rounded
 
 
 def needs_upcast(dtype: torch.dtype) -> bool:

@@ -1,0 +1,142 @@
+"""The Triton backend: the seed equations on the fused kernels of `manualbp.triton_kernels`.
+
+Same two functions as :mod:`manualbp.backends.reference`, plus :func:`is_available`:
+
+    forward    one GEMM: z = x Wᵀ + b and a = f(z) in its epilogue; z is written only when f′
+               needs it (gelu, gelu_tanh, silu, mish, softplus), otherwise `a` is what is saved.
+    backward   δ = grad_out ⊙ f′(saved), grad_input = δ W, grad_weight = δᵀ x, grad_bias = Σ δ.
+
+Where δ is formed — twice in the GEMM prologues, or once in a separate pass
+---------------------------------------------------------------------------
+δ is formed ONCE, in a memory-bound pass (`triton_kernels.delta`), whenever both GEMMs need it
+or f′ needs the pre-activation z (gelu, gelu_tanh, silu, mish, softplus: erf/exp/tanh per
+element); both GEMMs then read δ as a plain operand. Only for the cheap output-derived f′
+(relu, leaky_relu, sigmoid, tanh: a select or one or two multiply-adds) with a single consumer
+GEMM (e.g. the first layer, whose input needs no gradient) is δ formed in that GEMM's prologue,
+which saves writing and re-reading an (M, N) buffer. Identity needs no δ at all. The reasoning,
+for a Hopper-class GPU (H100/H200, bf16, M = 8192, N = K = 4096):
+
+1. Recomputation. A prologue recomputes δ for every output tile that reads the δ tile:
+   ⌈K/BLOCK_K⌉ = 32 times in the input-gradient GEMM and ⌈K/BLOCK_K⌉ = 32 times in the
+   weight-gradient GEMM, i.e. 64 evaluations of f′ per element instead of 1.
+2. Which unit limits. Per (128 × 64) δ tile the MMA does 128·64·128 ≈ 1 M multiply-adds,
+   ~512 cycles on one SM's tensor cores (~2048 bf16 FMA/clk). f′ of gelu / mish / silu costs
+   ~20-40 fp32 instructions per element (erf or exp, reciprocal, converts): 8192 × 20-40 /
+   128 lanes ≈ 1300-2600 cycles. Formed in the prologue, f′ makes the GEMM ALU-bound at 2-5×
+   its tensor-core time; only relu/leaky/identity (a select and converts) would hide under it.
+   The transformed tile also has to pass through registers rather than going from shared
+   memory straight into wgmma: in the weight-gradient GEMM the δ tile must be transposed in
+   registers while the 128 × 128 accumulator is live, and with mish the 64-row tile spilled
+   (AOT, sm_90), so that flavour is limited to 32-row tiles.
+3. Cost of the pass. It reads grad_out and saved and writes δ: 3·M·N·2 bytes = 201 MB, about
+   42 µs at 4.8 TB/s, against 2·2·M·N·K = 550 GFLOP ≈ 0.6-0.7 ms for the two backward GEMMs:
+   ~6 %, and the GEMMs then run at their plain-GEMM speed.
+4. The prologue stays where it is cheap and where it is the point: the kernels keep it for every
+   activation (the launchers accept any id, and a whole-network backward forms δ⁽ˡ⁻¹⁾ in the
+   epilogue of the layer above's input-gradient GEMM, the same device function).
+
+The bias gradient Σ δ is fused into the weight-gradient kernel (it loads every δ tile anyway).
+This choice is argued, not measured: no GPU was available when it was written. The benchmark
+`experiments/bench_triton_layer.py` times the backward and is where to check it.
+
+Triton is imported lazily: importing this module never needs triton, and `is_available` says
+why the backend cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from manualbp.activations import Activation
+
+__all__ = ["is_available", "linear_forward", "linear_backward"]
+
+# Triton decides at import time whether kernels are interpreted; read the same variable here.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def is_available(device: torch.device | str) -> tuple[bool, str]:
+    """(True, "") when the kernels can run on tensors of `device`, else (False, reason)."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return False, "the 'triton' package is not installed"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available in this PyTorch build or on this machine"
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 0):
+            return False, f"the kernels need compute capability >= 8.0, device has {major}.{minor}"
+        return True, ""
+    if device.type == "cpu":
+        if _INTERPRET:
+            return True, ""
+        return False, (
+            "CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported"
+        )
+    return False, (
+        f"device type {device.type!r} is not supported (expected cuda, or cpu under the interpreter)"
+    )
+
+
+def _kernels():
+    from manualbp.triton_kernels import delta, linear_forward, linear_grad_input, linear_grad_weight
+
+    return linear_forward, linear_grad_input, linear_grad_weight, delta
+
+
+def _check_act(act: Activation) -> None:
+    from manualbp.triton_kernels.activations import NAMES
+
+    kid = getattr(act, "kernel_id", None)
+    if not isinstance(kid, int) or not 0 <= kid < len(NAMES) or NAMES[kid] != act.name:
+        raise ValueError(
+            f"act: registry entry {getattr(act, 'name', act)!r} has kernel_id {kid!r}, "
+            f"expected the id of that name in the kernels' list {NAMES}"
+        )
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> tuple[Tensor, Tensor]:
+    """Returns (out, saved): saved is `out` itself when f′ is read from the output, else z."""
+    _check_act(act)
+    fwd, _, _, _ = _kernels()
+    out, z = fwd.linear_forward(
+        x, weight, bias, act.kernel_id, act.negative_slope, store_z=not act.uses_output
+    )
+    return out, (out if act.uses_output else z)
+
+
+def linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor,
+    act: Activation,
+    *,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """δ = grad_out ⊙ f′(saved), then only the gradients asked for (see the module docstring)."""
+    _check_act(act)
+    _, gin, gw, dlt = _kernels()
+    act_id, slope = act.kernel_id, act.negative_slope
+    source, saved_arg = grad_out, saved
+    both = need_input and (need_weight or need_bias)
+    if act_id != 0 and (both or not act.uses_output):
+        source = dlt.linear_delta(grad_out, saved, act_id, slope)  # δ once (module docstring)
+        act_id, saved_arg = 0, None
+    grad_input = grad_weight = grad_bias = None
+    if need_input:
+        grad_input = gin.linear_grad_input(source, weight, saved_arg, act_id, slope)
+    if need_weight or need_bias:
+        grad_weight, grad_bias = gw.linear_grad_weight(
+            source, x, saved_arg, act_id, slope, need_weight=need_weight, need_bias=need_bias
+        )
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,234 @@
+"""Input gradient of a fully connected layer: grad_input = δ W, δ formed in the prologue.
+
+    grad_out (M, N)  ∂C/∂a from the layer above (any strides)
+    saved    (M, N)  what the forward saved for f′: a (ids 0-4) or z (ids 5-9)
+    W        (N, K)  weight (any strides)
+    grad_input (M, K) = (grad_out ⊙ f′(saved)) · W
+
+Prologue: every (BLOCK_M, BLOCK_N) tile of grad_out is multiplied by f′ of the matching tile of
+`saved` before it enters the dot, so δ is never written to memory. With ACT = identity the
+operand is taken as δ itself and `saved` is not read (the backend passes a precomputed δ so).
+
+Optional epilogue (PREV_ACT ≠ identity): the result is multiplied by f′⁽ˡ⁻¹⁾ of `prev_saved`
+(M, K), the previous layer's saved a or z. The kernel then writes δ⁽ˡ⁻¹⁾ = f′⁽ˡ⁻¹⁾ ⊙ δ⁽ˡ⁾W
+directly, the seed recursion for an inner layer, which a whole-network backward uses to skip
+the previous layer's δ pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+from ._utils import (
+    INTERPRET,
+    Alloc,
+    autotune_enabled,
+    check_act_id,
+    check_matrix,
+    check_slope,
+    check_tensor,
+    downcast,
+    gemm_config,
+    input_precision,
+    launch_first_fitting,
+    needs_upcast,
+    upcast,
+)
+from .activations import IDENTITY, act_grad
+from .linear_forward import grouped_tile
+
+
+@triton.jit
+def grad_input_kernel(
+    grad_ptr, saved_ptr, w_ptr, prev_ptr, gi_ptr,
+    M, N, K,
+    stride_gm, stride_gn,
+    stride_sm, stride_sn,
+    stride_wn, stride_wk,
+    stride_pm, stride_pk,
+    stride_im, stride_ik,
+    negative_slope, prev_negative_slope,
+    ACT: tl.constexpr,
+    PREV_ACT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Output tile (pid_m, pid_k) of the (M, K) result; the reduction runs over N.
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + offs_n
+        mask_n = n < N
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        g = tl.load(
+            grad_ptr + offs_m[:, None] * stride_gm + n[None, :] * stride_gn,
+            mask=mask_mn,
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_N)
+        if ACT != IDENTITY:
+            s = tl.load(
+                saved_ptr + offs_m[:, None] * stride_sm + n[None, :] * stride_sn,
+                mask=mask_mn,
+                other=0.0,
+            )
+            # δ in fp32, rounded to the storage dtype like a materialised δ would be.
+            delta = act_grad(
+                upcast(g, UPCAST).to(tl.float32),
+                upcast(s, UPCAST).to(tl.float32),
+                ACT,
+                negative_slope,
+            )
+            delta = downcast(delta, g.dtype, UPCAST)
+        else:
+            delta = g
+        w = tl.load(
+            w_ptr + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(upcast(delta, UPCAST), upcast(w, UPCAST), acc, input_precision=INPUT_PRECISION)
+
+    mask = mask_m[:, None] & mask_k[None, :]
+    if PREV_ACT != IDENTITY:
+        p = tl.load(
+            prev_ptr + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pk,
+            mask=mask,
+            other=0.0,
+        )
+        acc = act_grad(acc, upcast(p, UPCAST).to(tl.float32), PREV_ACT, prev_negative_slope)
+    gi_ptrs = gi_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik
+    tl.store(gi_ptrs, downcast(acc, gi_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+# GPU configurations per flavour; the elementwise work of a prologue or epilogue needs
+# registers, so those flavours use smaller tiles, checked ahead of time not to spill with the
+# most expensive activations on sm_90 and sm_80 (tests/test_triton_aot.py, aot.py): a mish
+# prologue spilled with 128×64 δ tiles on sm_80 and in fp32 on sm_90, so the prologue reads
+# 32 columns of δ per step; a mish epilogue in fp32 (FMA dot, operands in registers) spilled
+# with 128×64 output tiles, so the epilogue uses 64×64 tiles with 8 warps.
+#   "plain":    the operand is δ itself (ACT = identity, PREV_ACT = identity)
+#   "prologue": δ = grad_out ⊙ f′(saved) formed from the loaded tiles
+#   "epilogue": the result multiplied by f′_prev(prev_saved)
+#   "fp32_fused": prologue or epilogue on float32 (IEEE dot on FMA units, operands in registers)
+CONFIGS = {
+    "plain": [
+        gemm_config(128, 64, 128, 8, 3),
+        gemm_config(64, 64, 128, 4, 4),
+        gemm_config(64, 64, 64, 4, 4),
+    ],
+    "prologue": [
+        gemm_config(128, 32, 64, 8, 3),
+        gemm_config(64, 32, 64, 4, 3),
+    ],
+    "epilogue": [
+        gemm_config(64, 64, 64, 8, 3),
+        gemm_config(64, 32, 64, 4, 3),
+    ],
+    "fp32_fused": [
+        gemm_config(64, 64, 64, 8, 3),
+        gemm_config(64, 32, 64, 4, 3),
+    ],
+}
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+def config_flavour(act_id: int, prev_act_id: int, dtype: torch.dtype) -> str:
+    """Which GPU config list a launch uses (the epilogue wins when both are present)."""
+    if act_id == 0 and prev_act_id == 0:
+        return "plain"
+    if dtype == torch.float32:
+        return "fp32_fused"
+    return "epilogue" if prev_act_id != 0 else "prologue"
+
+
+# One autotuner per flavour over the same kernel (no kernel copies).
+grad_input_autotuned = {
+    flavour: triton.autotune(configs=configs, key=["M", "N", "K"])(grad_input_kernel)
+    for flavour, configs in CONFIGS.items()
+}
+
+
+def linear_grad_input(
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    saved: torch.Tensor | None = None,
+    act_id: int = 0,
+    negative_slope: float = 0.01,
+    *,
+    prev_act_id: int = 0,
+    prev_saved: torch.Tensor | None = None,
+    prev_negative_slope: float = 0.01,
+    alloc: Alloc | None = None,
+) -> torch.Tensor:
+    """grad_input = (grad_out ⊙ f′(saved)) W [⊙ f′_prev(prev_saved)].
+
+    act_id = 0 (identity) takes `grad_out` as δ and needs no `saved`; prev_act_id = 0 (the
+    default) skips the epilogue. `alloc(shape, dtype, device)` allocates the result.
+    """
+    check_matrix("grad_out", grad_out)
+    check_matrix("weight", weight)
+    act_id = check_act_id("act_id", act_id)
+    prev_act_id = check_act_id("prev_act_id", prev_act_id)
+    negative_slope = check_slope("negative_slope", negative_slope)
+    prev_negative_slope = check_slope("prev_negative_slope", prev_negative_slope)
+    M, N = grad_out.shape
+    K = weight.shape[1]
+    dtype, device = grad_out.dtype, grad_out.device
+    check_tensor("weight", weight, (N, K), dtype, device)
+    if act_id != 0:
+        if saved is None:
+            raise ValueError(f"saved: got None, expected an (M, N) = {(M, N)} tensor for act_id={act_id}")
+        check_tensor("saved", saved, (M, N), dtype, device)
+    if prev_act_id != 0:
+        if prev_saved is None:
+            raise ValueError(
+                f"prev_saved: got None, expected an (M, K) = {(M, K)} tensor for prev_act_id={prev_act_id}"
+            )
+        check_tensor("prev_saved", prev_saved, (M, K), dtype, device)
+    out = (alloc or _utils.empty)((M, K), dtype, device)
+    check_tensor("alloc(...) result", out, (M, K), dtype, device)
+    if M == 0 or K == 0:
+        return out
+
+    s = saved if act_id != 0 else grad_out  # placeholders are never read
+    p = prev_saved if prev_act_id != 0 else out
+    args = (
+        grad_out, s, weight, p, out,
+        M, N, K,
+        grad_out.stride(0), grad_out.stride(1),
+        s.stride(0), s.stride(1),
+        weight.stride(0), weight.stride(1),
+        p.stride(0), p.stride(1),
+        out.stride(0), out.stride(1),
+        negative_slope, prev_negative_slope,
+    )  # fmt: skip
+    flags = dict(
+        ACT=act_id,
+        PREV_ACT=prev_act_id,
+        UPCAST=needs_upcast(dtype),
+        INPUT_PRECISION=input_precision(dtype),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    if INTERPRET:
+        grad_input_kernel[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
+    else:
+        flavour = config_flavour(act_id, prev_act_id, dtype)
+        if autotune_enabled():
+            grad_input_autotuned[flavour][grid](*args, **flags)
+        else:
+            launch_first_fitting(grad_input_kernel, grid, CONFIGS[flavour], *args, **flags)
+    return out

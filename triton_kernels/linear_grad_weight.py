@@ -1,0 +1,340 @@
+"""Weight and bias gradients of a fully connected layer, deterministic, optionally split over M.
+
+    grad_out (M, N), saved (M, N)   δ = grad_out ⊙ f′(saved), formed in the prologue
+                                     (ACT = identity: grad_out is δ and saved is not read)
+    x        (M, K)                  the layer input (any strides)
+    grad_weight (N, K) = δᵀ x        reduction over the M rows
+    grad_bias   (N,)   = Σ_m δ       fused: the programs of the first K-tile column also sum
+                                     their δ tiles over rows (BLOCK_M·BLOCK_N adds per
+                                     BLOCK_M·BLOCK_N·BLOCK_K multiply-adds of the dot)
+
+Split-K (the GEMM's reduction dimension is M here). When M ≫ N·K / tile², the (N, K) output has
+too few tiles to occupy every SM, while each tile loops over all M rows. The launcher then
+splits M into `split` contiguous ranges, one per grid row; each program writes its fp32 partial
+tile to a (split, N, K) buffer, and `split_reduce_kernel` sums the partials in a fixed order and
+casts to the output dtype. No atomics anywhere: the same inputs give bitwise-identical results.
+Without a split the same kernel stores straight into the output; the store casts to whatever
+the output pointer holds, so split and direct launches differ only in the pointers passed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+from ._utils import (
+    INTERPRET,
+    Alloc,
+    autotune_enabled,
+    check_act_id,
+    check_matrix,
+    check_slope,
+    check_tensor,
+    downcast,
+    gemm_config,
+    input_precision,
+    launch_first_fitting,
+    needs_upcast,
+    num_sms,
+    upcast,
+)
+from .activations import IDENTITY, act_grad
+from .linear_forward import grouped_tile
+
+
+@triton.jit
+def grad_weight_kernel(
+    grad_ptr, saved_ptr, x_ptr, gw_ptr, gb_ptr,
+    M, N, K, rows_per_split,
+    stride_gm, stride_gn,
+    stride_sm, stride_sn,
+    stride_xm, stride_xk,
+    stride_ws, stride_wn, stride_wk,
+    stride_bs, stride_bn,
+    negative_slope,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):  # fmt: skip
+    # Output tile (pid_n, pid_k) of the (N, K) result; grid axis 1 is the split of M.
+    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    pid_s = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    # This program's rows: [m_start, m_end); rows_per_split is a multiple of BLOCK_M.
+    m_start = pid_s.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m = m0 + offs_m
+        mask_m = m < m_end
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        g = tl.load(
+            grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+            mask=mask_mn,
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_N)
+        if ACT != IDENTITY:
+            s = tl.load(
+                saved_ptr + m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                mask=mask_mn,
+                other=0.0,
+            )
+            delta = act_grad(
+                upcast(g, UPCAST).to(tl.float32),
+                upcast(s, UPCAST).to(tl.float32),
+                ACT,
+                negative_slope,
+            )
+            delta = downcast(delta, g.dtype, UPCAST)
+        else:
+            delta = g
+        if HAS_BIAS:
+            bias_acc += tl.sum(upcast(delta, UPCAST).to(tl.float32), axis=0)
+        if HAS_WEIGHT:
+            x = tl.load(
+                x_ptr + m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_K)
+            acc = tl.dot(
+                tl.trans(upcast(delta, UPCAST)),
+                upcast(x, UPCAST),
+                acc,
+                input_precision=INPUT_PRECISION,
+            )
+
+    if HAS_WEIGHT:
+        gw_ptrs = gw_ptr + pid_s.to(tl.int64) * stride_ws
+        gw_ptrs += offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        mask = mask_n[:, None] & mask_k[None, :]
+        tl.store(gw_ptrs, downcast(acc, gw_ptr.dtype.element_ty, UPCAST), mask=mask)
+    if HAS_BIAS:
+        # Every K-tile column summed the same δ; the first one stores it.
+        if pid_k == 0:
+            gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
+            tl.store(gb_ptrs, downcast(bias_acc, gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+
+
+@triton.jit
+def split_reduce_kernel(
+    part_ptr, out_ptr,
+    SPLIT, R, C, stride_ps,
+    stride_or, stride_oc,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """out[r, c] = Σ_s part[s, r, c], summed in order s = 0, 1, … (deterministic).
+
+    `part` is an fp32 (SPLIT, R, C) buffer, contiguous within a plane, planes `stride_ps`
+    apart; `out` may have any strides and dtype. The pointer is advanced plane by plane so no
+    s · stride product can overflow int32.
+    """
+    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
+    part_ptrs = part_ptr + offs_r[:, None] * C + offs_c[None, :]
+    total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for _ in range(0, SPLIT):
+        total += tl.load(part_ptrs, mask=mask, other=0.0)
+        part_ptrs += stride_ps
+    out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
+    tl.store(out_ptrs, downcast(total, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+# GPU configurations per flavour (see linear_grad_input.py), each checked ahead of time not to
+# spill. With δ formed in the prologue the δ tile has to be transposed through registers into
+# the MMA while the accumulator is live, so that flavour uses 32-row δ tiles (16 δ values per
+# thread). On sm_80 mma.sync also holds operand fragments in registers and the 128 × 128
+# accumulator with the fused bias sum spilled, so Ampere gets 128 × 64 output tiles. A float32
+# prologue (IEEE dot on FMA units, operands in registers) gets 64 × 64 output tiles.
+CONFIGS = {
+    "plain": [
+        gemm_config(64, 128, 128, 8, 3, "GROUP_N"),
+        gemm_config(32, 128, 128, 8, 4, "GROUP_N"),
+        gemm_config(64, 128, 64, 4, 4, "GROUP_N"),
+        gemm_config(64, 64, 64, 4, 4, "GROUP_N"),
+    ],
+    "plain_sm80": [
+        gemm_config(64, 128, 64, 8, 3, "GROUP_N"),
+        gemm_config(64, 64, 64, 4, 4, "GROUP_N"),
+    ],
+    "prologue": [
+        gemm_config(32, 128, 64, 8, 4, "GROUP_N"),
+        gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
+    ],
+    "fp32_fused": [
+        gemm_config(32, 64, 64, 8, 3, "GROUP_N"),
+        gemm_config(32, 64, 64, 4, 3, "GROUP_N"),
+    ],
+}
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_N": 4})
+REDUCE_BLOCK = {"BLOCK_R": 32, "BLOCK_C": 128}
+REDUCE_BLOCK_INTERPRETER = {"BLOCK_R": 32, "BLOCK_C": 32}
+
+
+def config_flavour(act_id: int, capability: tuple[int, int], dtype: torch.dtype) -> str:
+    """Which GPU config list a launch autotunes over."""
+    if act_id != 0:
+        return "fp32_fused" if dtype == torch.float32 else "prologue"
+    return "plain" if capability >= (9, 0) else "plain_sm80"
+
+
+grad_weight_autotuned = {
+    flavour: triton.autotune(configs=configs, key=["M", "N", "K", "rows_per_split"])(grad_weight_kernel)
+    for flavour, configs in CONFIGS.items()
+}
+
+# Split heuristic constants (see `choose_split`).
+NOMINAL_TILE = 128  # output tile edge used to count tiles before the autotuner picks one
+MIN_ROWS_PER_SPLIT = 2048  # below this the fp32 partial traffic outweighs the extra parallelism
+MAX_SPLIT = 32
+
+
+def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
+    """How many ranges of M rows to reduce in parallel.
+
+    The (N, K) output has ⌈N/128⌉·⌈K/128⌉ tiles. When that is below one wave of programs
+    (one per SM), split M so that tiles × split ≈ SMs, but keep every range ≥ 2048 rows: a
+    split costs 2 × split × N·K × 4 bytes of partials (write + reduce read) against
+    (M·N + M·K) × elem bytes of operands, so short ranges are not worth it. Example: M = 65536,
+    N = K = 1024 on a 132-SM H200 → 64 tiles → split 3 (3 × 64 = 192 programs, ~21k rows each).
+    """
+    tiles = triton.cdiv(N, NOMINAL_TILE) * triton.cdiv(K, NOMINAL_TILE)
+    sms = num_sms(device)
+    if tiles >= sms:
+        return 1
+    split = min(triton.cdiv(sms, tiles), M // MIN_ROWS_PER_SPLIT, MAX_SPLIT)
+    return max(split, 1)
+
+
+def linear_grad_weight(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    saved: torch.Tensor | None = None,
+    act_id: int = 0,
+    negative_slope: float = 0.01,
+    *,
+    need_weight: bool = True,
+    need_bias: bool = True,
+    split_k: int | None = None,
+    alloc: Alloc | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_weight, grad_bias) = (δᵀ x, Σ_m δ) with δ = grad_out ⊙ f′(saved).
+
+    act_id = 0 takes `grad_out` as δ. split_k: number of M ranges reduced in parallel
+    (None: `choose_split`; 1: no split). `alloc(shape, dtype, device)` allocates the results.
+    Either gradient may be skipped; asking for neither returns (None, None).
+    """
+    check_matrix("grad_out", grad_out)
+    check_matrix("x", x)
+    act_id = check_act_id("act_id", act_id)
+    negative_slope = check_slope("negative_slope", negative_slope)
+    M, N = grad_out.shape
+    K = x.shape[1]
+    dtype, device = grad_out.dtype, grad_out.device
+    check_tensor("x", x, (M, K), dtype, device)
+    if act_id != 0:
+        if saved is None:
+            raise ValueError(f"saved: got None, expected an (M, N) = {(M, N)} tensor for act_id={act_id}")
+        check_tensor("saved", saved, (M, N), dtype, device)
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k: got {split_k!r}, expected None or an int >= 1")
+    alloc = alloc or _utils.empty
+    gw = alloc((N, K), dtype, device) if need_weight else None
+    gb = alloc((N,), dtype, device) if need_bias else None
+    if gw is not None:
+        check_tensor("alloc(...) result for grad_weight", gw, (N, K), dtype, device)
+    if gb is not None:
+        check_tensor("alloc(...) result for grad_bias", gb, (N,), dtype, device)
+    if N == 0:
+        return gw, gb
+    if M == 0:  # an empty reduction
+        for t in (gw, gb):
+            if t is not None:
+                t.zero_()
+        return gw, gb
+    if K == 0 and gw is not None:  # an empty (N, 0) matrix: nothing to compute
+        need_weight = False
+    if not (need_weight or need_bias):
+        return gw, gb
+
+    # Bias only: the kernel skips x and the dot; one K-tile column is enough.
+    K_eff = K if need_weight else 1
+    interp_block_m = INTERPRETER_CONFIG.kwargs["BLOCK_M"]
+    split = split_k if split_k is not None else choose_split(M, N, K_eff, device)
+    # rows_per_split is a multiple of every BLOCK_M in the configs (the largest is 64; the
+    # interpreter's is 32), so every range starts on a tile boundary.
+    row_quantum = max(64, interp_block_m)
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), row_quantum) * row_quantum
+    split = triton.cdiv(M, rows_per_split)  # drop empty ranges
+
+    if split == 1:
+        w_out, b_out = gw, gb
+        w_strides = (0, *gw.stride()) if gw is not None else (0, 0, 0)
+        b_strides = (0, gb.stride(0)) if gb is not None else (0, 0)
+    else:
+        w_out = _utils.empty((split, N, K), torch.float32, device) if need_weight else None
+        b_out = _utils.empty((split, N), torch.float32, device) if need_bias else None
+        w_strides = w_out.stride() if w_out is not None else (0, 0, 0)
+        b_strides = b_out.stride() if b_out is not None else (0, 0)
+    placeholder = w_out if w_out is not None else b_out
+    s = saved if act_id != 0 else grad_out
+    args = (
+        grad_out, s, x, w_out if w_out is not None else placeholder,
+        b_out if b_out is not None else placeholder,
+        M, N, K_eff, rows_per_split,
+        grad_out.stride(0), grad_out.stride(1),
+        s.stride(0), s.stride(1),
+        x.stride(0), x.stride(1),
+        *w_strides,
+        *b_strides,
+        negative_slope,
+    )  # fmt: skip
+    flags = dict(
+        ACT=act_id,
+        HAS_BIAS=need_bias,
+        HAS_WEIGHT=need_weight,
+        UPCAST=needs_upcast(dtype),
+        INPUT_PRECISION=input_precision(dtype),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K_eff, meta["BLOCK_K"]), split)
+
+    if INTERPRET:
+        grad_weight_kernel[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
+    else:
+        flavour = config_flavour(act_id, torch.cuda.get_device_capability(device), dtype)
+        if autotune_enabled():
+            grad_weight_autotuned[flavour][grid](*args, **flags)
+        else:
+            launch_first_fitting(grad_weight_kernel, grid, CONFIGS[flavour], *args, **flags)
+
+    if split > 1:
+        blocks = REDUCE_BLOCK_INTERPRETER if INTERPRET else REDUCE_BLOCK
+        if need_weight:
+            _reduce(w_out, gw, blocks)
+        if need_bias:
+            _reduce(b_out.unsqueeze(1), gb.unsqueeze(0), blocks)
+    return gw, gb
+
+
+def _reduce(part: torch.Tensor, out: torch.Tensor, blocks: dict[str, int]) -> None:
+    split, R, C = part.shape
+    grid = (triton.cdiv(R, blocks["BLOCK_R"]), triton.cdiv(C, blocks["BLOCK_C"]))
+    split_reduce_kernel[grid](
+        part, out, split, R, C, part.stride(0), out.stride(0), out.stride(1),
+        UPCAST=needs_upcast(out.dtype), **blocks,
+    )  # fmt: skip

@@ -10,6 +10,9 @@ import os
 
 if os.environ.get("MANUALBP_CUDA_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One compile per kernel variant instead of one per autotune configuration.
+    os.environ.setdefault("MANUALBP_TRITON_AUTOTUNE", "0")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402

@@ -7,8 +7,8 @@ backend everywhere and fused Triton kernels on CUDA.
 
 from manualbp import functional, jacobian, ops, optim
 from manualbp.activations import ACTIVATIONS, Activation, get_activation
-from manualbp.convert import ConversionReport, Replacement, convert, revert
 from manualbp.backends import BACKENDS, get_backend, set_backend, use_backend
+from manualbp.convert import ConversionReport, Replacement, convert, revert
 from manualbp.nn import MLP, Linear, LinearAct
 
 __version__ = "0.1.0"

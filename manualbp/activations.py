@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,6 +197,11 @@ def get_activation(activation: str | Activation, *, negative_slope: float | None
         raise ValueError(
             f"negative_slope: only leaky_relu takes a slope, got negative_slope={negative_slope} "
             f"for activation {entry.name!r}"
+        )
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(
+            f"negative_slope: expected a float >= 0, got {type(negative_slope).__name__} "
+            f"{negative_slope!r}"
         )
     slope = float(negative_slope)
     if not math.isfinite(slope) or slope < 0:

@@ -233,7 +233,8 @@ def _signature(variant: Variant, config_index: int):
             zeros |= {"stride_ws", "stride_bs"}
         const.update(
             ACT=act_id,
-            HAS_BIAS=variant.flags.endswith("bias") and not variant.flags.endswith("nobias"),
+            HAS_BIAS=variant.flags == "bias-only"
+            or (variant.flags.endswith("bias") and not variant.flags.endswith("nobias")),
             HAS_WEIGHT=variant.flags != "bias-only",
             UPCAST=False,
             INPUT_PRECISION="ieee",

@@ -102,9 +102,19 @@ def _check_act(act: Activation) -> None:
         )
 
 
+def _check_dtype(x: Tensor) -> None:
+    # The kernels take 32- and 16-bit storage; say which backend does take the others.
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"input: dtype {x.dtype} is not supported by backend 'triton', which expects "
+            "float32, float16 or bfloat16; use backend 'torch' (mbp.use_backend('torch')) for it"
+        )
+
+
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> tuple[Tensor, Tensor]:
     """Returns (out, saved): saved is `out` itself when f′ is read from the output, else z."""
     _check_act(act)
+    _check_dtype(x)
     fwd, _, _, _ = _kernels()
     out, z = fwd.linear_forward(
         x, weight, bias, act.kernel_id, act.negative_slope, store_z=not act.uses_output
@@ -127,7 +137,7 @@ def linear_backward(
     _check_act(act)
     _, gin, gw, dlt = _kernels()
     act_id, slope = act.kernel_id, act.negative_slope
-    source, saved_arg = grad_out, saved
+    source, saved_arg = grad_out, saved  # type: Tensor, Tensor | None
     both = need_input and (need_weight or need_bias)
     if act_id != 0 and (both or not act.uses_output):
         source = dlt.linear_delta(grad_out, saved, act_id, slope)  # δ once (module docstring)

@@ -33,7 +33,7 @@ def _shape(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(
             f"expected MxNxK with positive ints (e.g. 512x1024x256), got {text!r}"
         )
-    return values  # type: ignore[return-value]
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -189,7 +189,7 @@ class NativeContender(Contender):
 
         if not hasattr(functorch_config, "donated_buffer"):
             return contextlib.nullcontext()
-        return functorch_config.patch(donated_buffer=False)  # type: ignore[return-value]
+        return functorch_config.patch(donated_buffer=False)
 
     def finalize(self, module: nn.Module) -> nn.Module:
         if self.compile_mode is None:
@@ -203,7 +203,7 @@ class NativeContender(Contender):
         if self.compile_mode is None:
             return fn
         torch._dynamo.reset()
-        return torch.compile(fn, mode=self.compile_mode)  # type: ignore[return-value]
+        return torch.compile(fn, mode=self.compile_mode)
 
     def layer_module(self, in_features: int, out_features: int, activation: str) -> nn.Module:
         return nn.Sequential(nn.Linear(in_features, out_features), mbp.get_activation(activation).native())

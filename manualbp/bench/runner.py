@@ -138,7 +138,7 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
         except ImportError:
             pass
         try:
-            from tqdm import tqdm  # type: ignore[import-untyped]
+            from tqdm import tqdm
 
             with tqdm(total=total) as bar:
 

@@ -50,7 +50,7 @@ def synchronize(device: torch.device) -> None:
 def measure(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float) -> Timing:
     """Median and 20/80 % quantiles of `fn`'s run time, in milliseconds."""
     if device.type == "cuda":
-        import triton.testing  # type: ignore[import-untyped]  # only here: see --interpreter
+        import triton.testing  # only here: see --interpreter
 
         median, q20, q80 = triton.testing.do_bench(
             fn, warmup=max(1, int(warmup_ms)), rep=max(1, int(rep_ms)), quantiles=[0.5, 0.2, 0.8]

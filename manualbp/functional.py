@@ -185,7 +185,7 @@ def _check_pair(input: Tensor, target: Tensor) -> None:
     _check_same("target", target, "input", input)
 
 
-def _reduce(per_item: Tensor, reduction: str, count: int) -> Tensor:
+def _reduce(per_item: Tensor, reduction: str, count: int | Tensor) -> Tensor:
     if reduction == "none":
         return per_item
     total = per_item.sum()
@@ -286,12 +286,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         picked = shifted.gather(1, safe_target.unsqueeze(1)).squeeze(1)
         losses = torch.where(valid, log_norm - picked, torch.zeros_like(log_norm))
         count = valid.sum()
-        if reduction == "none":
-            loss = losses
-        elif reduction == "sum":
-            loss = losses.sum()
-        else:
-            loss = losses.sum() / count  # 0/0 = NaN when every row is ignored, as native
+        loss = _reduce(losses, reduction, count)  # mean: 0/0 = NaN if every row is ignored, as native
         return loss.to(logits.dtype), log_norm, count
 
     @staticmethod

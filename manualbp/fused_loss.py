@@ -445,13 +445,7 @@ def _check_class_target(target: Any, x: Tensor, classes: int, ignore_index: int)
             f"target: on device {target.device} but input is on {x.device}; "
             "expected all tensors on the same device"
         )
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise ValueError(
-            f"target: class index {value} is out of range; expected 0 <= index < {classes} "
-            f"(or ignore_index={ignore_index})"
-        )
+    ops.check_class_range(target, classes, ignore_index)
     return target
 
 

@@ -2,7 +2,8 @@
 
     from manualbp.lightning import DigitsDataModule, MLPClassifier, GradientParityCallback
 
-DataModules (no downloads): `DigitsDataModule`, `RegressionDataModule`, `LinearNeuronDataModule`.
+DataModules (no downloads): `DigitsDataModule`, `RegressionDataModule`, `LinearNeuronDataModule`;
+their train loader, `ResumableLoader`, resumes mid-epoch exactly from a Lightning checkpoint.
 LightningModules: `MLPClassifier`, `MLPRegressor` (backend "manual" or "native", same init).
 Callbacks: `GradientParityCallback`, `SavedActivationMemoryCallback`.
 """
@@ -13,7 +14,12 @@ from manualbp.lightning.callbacks import (
     SavedActivationMemoryCallback,
     gradient_parity,
 )
-from manualbp.lightning.data import DigitsDataModule, LinearNeuronDataModule, RegressionDataModule
+from manualbp.lightning.data import (
+    DigitsDataModule,
+    LinearNeuronDataModule,
+    RegressionDataModule,
+    ResumableLoader,
+)
 from manualbp.lightning.modules import MLPClassifier, MLPRegressor, NativeMLP
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "MLPRegressor",
     "NativeMLP",
     "RegressionDataModule",
+    "ResumableLoader",
     "SavedActivationMemoryCallback",
     "gradient_parity",
 ]

@@ -5,22 +5,29 @@
 * `LinearNeuronDataModule` — the seed's worked example: a linear neuron y = x₁w₁ + x₂w₂ and the
   single training case (x₁, x₂, t) = (1, 1, 0).
 
-Every split and every shuffle order comes from `seed` alone (a private `torch.Generator`), so two
+Every split and every shuffle order comes from `seed` alone (private `torch.Generator`s), so two
 modules built with the same arguments hand out identical batches whatever the global RNG does.
 Batches are `(x, target)` pairs: x float32, target int64 class indices (digits) or float32 (N, 1)
 values; `Trainer(precision="64-true")` converts them to float64 on the way in.
+
+`train_dataloader()` returns a `ResumableLoader`: epoch e's order is a permutation seeded by
+(seed, e), and its `state_dict` (epoch, batches served) goes into Lightning's checkpoints, so a run
+interrupted mid-epoch and resumed from its checkpoint sees exactly the batches it would have seen,
+and ends on the same weights bit for bit. Validation and test use plain, unshuffled DataLoaders.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DigitsDataModule", "LinearNeuronDataModule", "RegressionDataModule"]
+__all__ = ["DigitsDataModule", "LinearNeuronDataModule", "RegressionDataModule", "ResumableLoader"]
 
 # A pixel that is constant over the training images (several border pixels are always 0) has
 # standard deviation 0. It is only centred (divided by 1, as scikit-learn's StandardScaler does):
@@ -40,6 +47,12 @@ def _check_positive_int(name: str, value: int) -> int:
     return value
 
 
+def _check_non_negative_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return value
+
+
 def split_indices(
     n: int, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,14 +69,101 @@ def split_indices(
     return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The 64-bit generator seed of epoch `epoch`'s shuffle: a hash of the pair (seed, epoch).
+
+    Hashing keeps distinct pairs apart (a sum like 1000·seed + epoch would give seed 0's epoch
+    1000 the order of seed 1's epoch 0) and works for any int seed, negative ones included.
+    """
+    digest = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class ResumableLoader:
+    """Shuffled mini-batches of a TensorDataset whose position survives a checkpoint.
+
+    Each `iter()` is one epoch: epoch e hands out the batches of a permutation seeded by
+    (seed, e) alone (see `epoch_seed`), the last batch smaller when `batch_size` does not divide
+    the dataset. `state_dict()` records the epoch and how many of its batches were handed out;
+    Lightning saves it in every checkpoint (it stores the state of any train loader that has
+    `state_dict`/`load_state_dict`) and gives it back to `load_state_dict` on resume, so the next
+    `iter()` continues that epoch's order at the first batch not yet served — or, when the
+    checkpoint closed the epoch, starts the next epoch. A plain shuffled DataLoader has no such
+    state: Lightning warns "your dataloader is not resumable" and a resumed run restarts the
+    epoch's order, so it cannot end on the same weights as an uninterrupted one.
+
+    "Served" counts batches the consumer asked for, which is what was trained on because
+    Lightning does not prefetch from a loader with a `len()`. The tensors are in memory and a
+    batch is one indexing operation, so there are no worker processes.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, seed: int) -> None:
+        if not isinstance(dataset, TensorDataset):
+            raise TypeError(f"dataset: expected a torch TensorDataset, got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int, got {seed!r}")
+        self.seed = seed
+        self.epoch = -1  # the epoch being (or last) served; -1 before the first iter()
+        self.served = 0  # batches of that epoch handed out so far
+        self._resume_at: tuple[int, int] | None = None  # (epoch, served) from load_state_dict
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)  # ceil: the last batch may be smaller
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        """Epoch `epoch`'s permutation of the dataset indices."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        return torch.randperm(len(self.dataset), generator=generator)
+
+    def _next_position(self) -> tuple[int, int]:
+        """(epoch, first batch) where the next iter() starts."""
+        if self._resume_at is None:
+            return self.epoch + 1, 0
+        (epoch, served), self._resume_at = self._resume_at, None
+        if epoch < 0 or served >= len(self):  # saved before any batch, or at an epoch's end
+            return epoch + 1, 0
+        return epoch, served
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        epoch, start = self._next_position()
+        self.epoch, self.served = epoch, start
+        order = self.epoch_order(epoch)
+        for i in range(start, len(self)):
+            # Counted before the yield: when the consumer holds batch i, i + 1 batches are served.
+            self.served = i + 1
+            yield self.dataset[order[i * self.batch_size : (i + 1) * self.batch_size]]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        missing = {"epoch", "served"} - set(state)
+        if missing:
+            raise ValueError(
+                f"state: expected the keys 'epoch' and 'served' of ResumableLoader.state_dict(), "
+                f"got keys {sorted(state)}"
+            )
+        epoch, served = state["epoch"], state["served"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < -1:
+            raise ValueError(f"state['epoch']: expected an int >= -1, got {epoch!r}")
+        self._resume_at = (epoch, _check_non_negative_int("state['served']", served))
+
+
 class _TensorDataModule(pl.LightningDataModule):
-    """Shared plumbing: tensors built once in `setup`, loaders with a seeded shuffle."""
+    """Shared plumbing: tensors built once in `setup`; a seeded, resumable train loader.
+
+    `num_workers` applies to the validation and test DataLoaders only: the train loader indexes
+    in-memory tensors in the main process (worker processes would add start-up cost and nothing
+    else, and would hide its position from the checkpoint).
+    """
 
     def __init__(self, batch_size: int, seed: int, num_workers: int = 0) -> None:
         super().__init__()
         self.batch_size = _check_positive_int("batch_size", batch_size)
         self.seed = seed
-        self.num_workers = num_workers
+        self.num_workers = _check_non_negative_int("num_workers", num_workers)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -75,26 +175,24 @@ class _TensorDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self._build()
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+    def _dataset(self, dataset: TensorDataset | None) -> TensorDataset:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return dataset
+
+    def _eval_loader(self, dataset: TensorDataset | None) -> DataLoader:
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
+            self._dataset(dataset), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self._dataset(self.train_set), self.batch_size, self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._eval_loader(self.test_set)
 
 
 class DigitsDataModule(_TensorDataModule):

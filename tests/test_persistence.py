@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import manualbp as mbp
 from manualbp.functional import cross_entropy
+from manualbp.lightning import ResumableLoader
 
 BACKENDS = ["torch", "triton"]
 
@@ -198,43 +199,108 @@ def test_interrupted_training_resumes_exactly(optimizer: str, tmp_path: Path) ->
 # ------------------------------------------------------------------------------- resume in Lightning
 
 
-class ResumableLoader:
-    """Shuffled batches whose position survives a checkpoint.
+def _digits_tensors(n: int = 10) -> torch.utils.data.TensorDataset:
+    """n examples whose x is their own index, so a batch's targets name the examples in it."""
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    return torch.utils.data.TensorDataset(x, torch.arange(n))
 
-    Epoch e's order is a permutation seeded by (seed, e); `state_dict` records the epoch and how
-    many of its batches were handed out, and Lightning stores it in the checkpoint (it saves the
-    state of any train loader with `state_dict`/`load_state_dict`). A plain DataLoader has none,
-    so a mid-epoch resume would restart the epoch's order (Lightning warns "your dataloader is not
-    resumable") and could not end with the same weights.
-    """
 
-    def __init__(self, dataset: torch.utils.data.TensorDataset, batch_size: int, seed: int) -> None:
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.epoch, self.served = -1, 0
-        self._resume: tuple[int, int] | None = None
+def _epochs(loader: ResumableLoader, n_epochs: int) -> list[list[Tensor]]:
+    return [[t for _, t in loader] for _ in range(n_epochs)]
 
-    def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
 
-    def __iter__(self):  # noqa: ANN204 — a generator of (x, target) batches
-        if self._resume is not None:
-            (epoch, start), self._resume = self._resume, None
-            if start >= len(self):  # the checkpoint closed an epoch: the next one starts afresh
-                epoch, start = epoch + 1, 0
-        else:
-            epoch, start = self.epoch + 1, 0
-        self.epoch, self.served = epoch, start
-        gen = torch.Generator().manual_seed(1000 * self.seed + epoch)
-        order = torch.randperm(len(self.dataset), generator=gen)
-        for i in range(start, len(self)):
-            self.served = i + 1
-            yield self.dataset[order[i * self.batch_size : (i + 1) * self.batch_size]]
+def test_resumable_loader_order_is_seeded_per_epoch() -> None:
+    """Each epoch is one permutation of the data, seeded by (seed, epoch) only; batches of 3 out
+    of 10 examples, the last batch has 1."""
+    dataset = _digits_tensors()
+    epochs = _epochs(ResumableLoader(dataset, batch_size=3, seed=5), 3)
+    for batches in epochs:
+        assert [len(t) for t in batches] == [3, 3, 3, 1]
+        assert torch.equal(torch.cat(batches).sort().values, torch.arange(10))
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))  # reshuffled every epoch
+    torch.manual_seed(123)  # the global RNG plays no part
+    twin = _epochs(ResumableLoader(dataset, batch_size=3, seed=5), 3)
+    assert all(torch.equal(a, b) for ours, theirs in zip(epochs, twin) for a, b in zip(ours, theirs))
+    other = _epochs(ResumableLoader(dataset, batch_size=3, seed=6), 1)
+    assert not torch.equal(torch.cat(other[0]), torch.cat(epochs[0]))
+    x, t = next(iter(ResumableLoader(dataset, batch_size=3, seed=5)))
+    assert torch.equal(x.squeeze(1), t.float())  # inputs and targets stay paired
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self.served}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (state["epoch"], state["served"])
+@pytest.mark.parametrize("epoch", [0, 1])
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+def test_resumable_loader_state_round_trip(epoch: int, k: int) -> None:
+    """Stop after k of epoch `epoch`'s 4 batches, save the state (through torch.save, as in a
+    checkpoint), load it into a fresh loader: it serves exactly that epoch's remaining batches and
+    then the following epochs. k = 4 closes the epoch, so the fresh loader starts the next one."""
+    dataset = _digits_tensors()
+    straight = [t for batches in _epochs(ResumableLoader(dataset, 3, seed=5), 4) for t in batches]
+
+    first = ResumableLoader(dataset, 3, seed=5)
+    _epochs(first, epoch)
+    served = iter(first)
+    consumed = [next(served)[1] for _ in range(k)]
+    state = _round_trip(first.state_dict(), weights_only=True)
+    if k > 0:
+        assert state == {"epoch": epoch, "served": k}
+    else:  # no batch of this epoch asked for yet: the state is still the previous epoch's end
+        assert state == ({"epoch": epoch - 1, "served": 4} if epoch else {"epoch": -1, "served": 0})
+    del first, served
+
+    resumed = ResumableLoader(dataset, 3, seed=5)
+    resumed.load_state_dict(state)
+    # The rest of epoch `epoch` (none when k = 4), then the following epochs up to epoch 3.
+    iterations_left = 4 - epoch - (k == 4)
+    rest = [t for batches in _epochs(resumed, iterations_left) for t in batches]
+    seen = straight[: 4 * epoch] + consumed + rest
+    assert len(seen) == len(straight)
+    assert all(torch.equal(a, b) for a, b in zip(seen, straight))
+
+
+def test_resumable_loader_state_before_any_batch_starts_epoch_zero() -> None:
+    dataset = _digits_tensors()
+    fresh = ResumableLoader(dataset, 3, seed=5)
+    assert fresh.state_dict() == {"epoch": -1, "served": 0}
+    resumed = ResumableLoader(dataset, 3, seed=5)
+    resumed.load_state_dict(fresh.state_dict())
+    expected = _epochs(ResumableLoader(dataset, 3, seed=5), 1)[0]
+    assert all(torch.equal(a, b) for a, b in zip([t for _, t in resumed], expected, strict=True))
+
+
+def test_resumable_loader_rejects_bad_arguments() -> None:
+    dataset = _digits_tensors()
+    with pytest.raises(TypeError, match="dataset"):
+        ResumableLoader([(torch.zeros(1), 0)], 3, seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size"):
+        ResumableLoader(dataset, 0, seed=0)
+    with pytest.raises(TypeError, match="seed"):
+        ResumableLoader(dataset, 3, seed=0.5)  # type: ignore[arg-type]
+    loader = ResumableLoader(dataset, 3, seed=0)
+    with pytest.raises(ValueError, match="served"):
+        loader.load_state_dict({"epoch": 0})
+    with pytest.raises(ValueError, match="served"):
+        loader.load_state_dict({"epoch": 0, "served": -1})
+    with pytest.raises(ValueError, match="epoch"):
+        loader.load_state_dict({"epoch": -2, "served": 0})
+
+
+@pytest.mark.parametrize("name", ["digits", "regression", "linear_neuron"])
+def test_data_modules_train_on_resumable_loaders(name: str) -> None:
+    """Every DataModule trains on a ResumableLoader; validation and test stay plain, in order."""
+    from manualbp.lightning import DigitsDataModule, LinearNeuronDataModule, RegressionDataModule
+
+    data = {
+        "digits": lambda: DigitsDataModule(batch_size=64, seed=2),
+        "regression": lambda: RegressionDataModule(num_samples=300, batch_size=64, seed=2),
+        "linear_neuron": lambda: LinearNeuronDataModule(steps_per_epoch=3, seed=2),
+    }[name]()
+    data.setup()
+    train = data.train_dataloader()
+    assert isinstance(train, ResumableLoader)
+    assert (train.dataset, train.batch_size, train.seed) == (data.train_set, data.batch_size, 2)
+    for loader, dataset in ((data.val_dataloader(), data.val_set), (data.test_dataloader(), data.test_set)):
+        assert type(loader) is torch.utils.data.DataLoader
+        assert isinstance(loader.sampler, torch.utils.data.SequentialSampler) and loader.dataset is dataset
 
 
 class Interrupted(RuntimeError):
@@ -242,7 +308,8 @@ class Interrupted(RuntimeError):
 
 
 def _lightning_run(optimizer: str, root: Path, stop_after: int | None = None, resume: Path | None = None):
-    """Fit MLPClassifier on 80 digits (5 batches an epoch, 3 epochs), checkpointing every step.
+    """Fit MLPClassifier on DigitsDataModule's 1079 training digits in batches of 256 (5 batches an
+    epoch, the last of 55; 3 epochs), checkpointing every step.
 
     `stop_after`: a callback raises once that many steps are done, before that step's checkpoint
     is written (checkpoint callbacks run last), so the last checkpoint is one step earlier.
@@ -251,14 +318,6 @@ def _lightning_run(optimizer: str, root: Path, stop_after: int | None = None, re
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from manualbp.lightning import DigitsDataModule, MLPClassifier
-
-    class Digits80(DigitsDataModule):
-        def setup(self, stage: str | None = None) -> None:
-            super().setup(stage)
-            self.train_set = torch.utils.data.TensorDataset(*self.train_set[:80])
-
-        def train_dataloader(self) -> ResumableLoader:  # type: ignore[override]
-            return ResumableLoader(self.train_set, self.batch_size, self.seed)
 
     class Interrupt(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
@@ -275,7 +334,7 @@ def _lightning_run(optimizer: str, root: Path, stop_after: int | None = None, re
         accelerator="cpu", devices=1,
     )  # fmt: skip
     model = MLPClassifier([64, 16, 10], "gelu", optimizer=optimizer, lr=0.05, init_seed=0)
-    trainer.fit(model, Digits80(batch_size=16, seed=0), ckpt_path=resume)
+    trainer.fit(model, DigitsDataModule(batch_size=256, seed=0), ckpt_path=resume)
     return trainer, model
 
 
@@ -284,13 +343,20 @@ def _lightning_run(optimizer: str, root: Path, stop_after: int | None = None, re
 def test_lightning_interrupted_run_resumes_to_the_same_weights(
     optimizer: str, stop_after: int, tmp_path: Path
 ) -> None:
-    """Interrupted after `stop_after` steps (mid-epoch 0, right after epoch 0's last checkpointed
-    step, mid-epoch 1), resumed from last.ckpt: bit-identical weights to a straight run."""
+    """The library's DigitsDataModule, interrupted after `stop_after` steps (the last checkpoint
+    mid-epoch 0, at epoch 0's end, mid-epoch 1), resumed from last.ckpt: bit-identical weights to
+    a straight run."""
     _, straight = _lightning_run(optimizer, tmp_path / "straight")
     with pytest.raises(Interrupted):
         _lightning_run(optimizer, tmp_path / "run", stop_after=stop_after)
     last = tmp_path / "run" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == stop_after - 1  # truly mid-run
+    checkpoint = torch.load(last, weights_only=False)
+    steps = stop_after - 1  # truly mid-run
+    assert checkpoint["global_step"] == steps
+    # The train loader's position went into the checkpoint: epoch e, batches served in it (1-5).
+    epoch = (steps - 1) // 5
+    loader_state = {"epoch": epoch, "served": steps - 5 * epoch}
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [loader_state]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed_trainer, resumed = _lightning_run(optimizer, tmp_path / "resumed", resume=last)

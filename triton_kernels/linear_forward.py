@@ -115,6 +115,10 @@ def linear_forward_kernel(
 #   "fp32_fused": heavy activations on float32. With IEEE precision the dot runs on FMA units
 #            with operand fragments in registers; 128×64×64 and 64×64×64 mish tiles spilled on
 #            sm_80, so 64×64 tiles with 32-wide K steps.
+#   "fp32_sm80": every activation on float32 on sm_80 (and other pre-Hopper GPUs). The FMA dot
+#            holds a row slice of x and a column slice of W per thread next to the accumulator;
+#            on sm_80 the light tiles spilled kilobytes and 64×64×32 with 8 warps spilled with
+#            gelu/silu, so 4 warps (64×64×32 mish: 255 registers, no spill) then 32×64×32.
 # fp32 configurations whose shared memory does not fit the device fail to launch and the
 # autotuner skips them. (128×64 with 4 warps was dropped: it spilled in fp32 on sm_90.)
 CONFIGS = {
@@ -137,11 +141,17 @@ CONFIGS = {
         gemm_config(64, 64, 32, 8, 3),
         gemm_config(64, 64, 32, 4, 3),
     ],
+    "fp32_sm80": [
+        gemm_config(64, 64, 32, 4, 3),
+        gemm_config(32, 64, 32, 4, 3),
+    ],
 }
 
 
 def config_flavour(act_id: int, capability: tuple[int, int], dtype: torch.dtype) -> str:
-    """Which GPU config list a launch autotunes over."""
+    """Which GPU config list a launch autotunes over (`capability` of the device, e.g. (8, 0))."""
+    if dtype == torch.float32 and capability < (9, 0):
+        return "fp32_sm80"
     if uses_output(act_id):
         return "light"
     if dtype == torch.float32:

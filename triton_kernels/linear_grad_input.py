@@ -120,7 +120,12 @@ def grad_input_kernel(
 #   "plain":    the operand is δ itself (ACT = identity, PREV_ACT = identity)
 #   "prologue": δ = grad_out ⊙ f′(saved) formed from the loaded tiles
 #   "epilogue": the result multiplied by f′_prev(prev_saved)
-#   "fp32_fused": prologue or epilogue on float32 (IEEE dot on FMA units, operands in registers)
+#   "prologue_sm80": the prologue on sm_80 (16-bit), where 64-row δ tiles with mish spilled
+#            with 4 and 8 warps alike (ptxas kept them at 64-96 registers); 128 × 32 × 64 with
+#            8 warps does not (103 registers).
+#   "fp32_fused": prologue or epilogue on float32 (IEEE dot on FMA units, operands in registers);
+#            on sm_90 64 × 64 output tiles spilled 8 bytes with gelu, gelu_tanh and silu.
+#   "fp32_sm80": every float32 launch on sm_80, where the plain tiles spilled kilobytes.
 CONFIGS = {
     "plain": [
         gemm_config(128, 64, 128, 8, 3),
@@ -135,21 +140,35 @@ CONFIGS = {
         gemm_config(64, 64, 64, 8, 3),
         gemm_config(64, 32, 64, 4, 3),
     ],
+    "prologue_sm80": [
+        gemm_config(128, 32, 64, 8, 3),
+    ],
     "fp32_fused": [
-        gemm_config(64, 64, 64, 8, 3),
-        gemm_config(64, 32, 64, 4, 3),
+        gemm_config(64, 32, 64, 8, 3),
+        gemm_config(32, 32, 64, 4, 3),
+    ],
+    "fp32_sm80": [
+        gemm_config(64, 64, 32, 8, 3),
+        gemm_config(64, 32, 64, 8, 3),
     ],
 }
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-def config_flavour(act_id: int, prev_act_id: int, dtype: torch.dtype) -> str:
-    """Which GPU config list a launch uses (the epilogue wins when both are present)."""
+def config_flavour(
+    act_id: int, prev_act_id: int, capability: tuple[int, int], dtype: torch.dtype
+) -> str:
+    """Which GPU config list a launch uses (`capability` of the device, e.g. (8, 0); the
+    epilogue wins when both are present)."""
+    if dtype == torch.float32 and capability < (9, 0):
+        return "fp32_sm80"
     if act_id == 0 and prev_act_id == 0:
         return "plain"
     if dtype == torch.float32:
         return "fp32_fused"
-    return "epilogue" if prev_act_id != 0 else "prologue"
+    if prev_act_id != 0:
+        return "epilogue"
+    return "prologue" if capability >= (9, 0) else "prologue_sm80"
 
 
 # One autotuner per flavour over the same kernel (no kernel copies).
@@ -226,7 +245,8 @@ def linear_grad_input(
     if INTERPRET:
         grad_input_kernel[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
     else:
-        flavour = config_flavour(act_id, prev_act_id, dtype)
+        capability = torch.cuda.get_device_capability(device)
+        flavour = config_flavour(act_id, prev_act_id, capability, dtype)
         if autotune_enabled():
             grad_input_autotuned[flavour][grid](*args, **flags)
         else:

@@ -157,8 +157,11 @@ def split_reduce_kernel(
 # spill. With δ formed in the prologue the δ tile has to be transposed through registers into
 # the MMA while the accumulator is live, so that flavour uses 32-row δ tiles (16 δ values per
 # thread). On sm_80 mma.sync also holds operand fragments in registers and the 128 × 128
-# accumulator with the fused bias sum spilled, so Ampere gets 128 × 64 output tiles. A float32
-# prologue (IEEE dot on FMA units, operands in registers) gets 64 × 64 output tiles.
+# accumulator with the fused bias sum spilled, so Ampere gets 128 × 64 output tiles, and a
+# 16-bit prologue (gelu_tanh with the bias sum spilled at 32 × 128) 32 × 64 output tiles with
+# 128-wide K steps (32 × 64 × 64 spilled: relu, tanh, silu at 8 warps; relu, leaky_relu at 4). A
+# float32 prologue (IEEE dot on FMA units, operands in registers) gets 64 × 64 output tiles;
+# on sm_80 every float32 launch does (the plain 64 × 128 tiles spilled there).
 CONFIGS = {
     "plain": [
         gemm_config(64, 128, 128, 8, 3, "GROUP_N"),
@@ -174,6 +177,9 @@ CONFIGS = {
         gemm_config(32, 128, 64, 8, 4, "GROUP_N"),
         gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
     ],
+    "prologue_sm80": [
+        gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
+    ],
     "fp32_fused": [
         gemm_config(32, 64, 64, 8, 3, "GROUP_N"),
         gemm_config(32, 64, 64, 4, 3, "GROUP_N"),
@@ -185,10 +191,13 @@ REDUCE_BLOCK_INTERPRETER = {"BLOCK_R": 32, "BLOCK_C": 32}
 
 
 def config_flavour(act_id: int, capability: tuple[int, int], dtype: torch.dtype) -> str:
-    """Which GPU config list a launch autotunes over."""
+    """Which GPU config list a launch autotunes over (`capability` of the device, e.g. (8, 0))."""
+    hopper = capability >= (9, 0)
+    if dtype == torch.float32 and (act_id != 0 or not hopper):
+        return "fp32_fused"
     if act_id != 0:
-        return "fp32_fused" if dtype == torch.float32 else "prologue"
-    return "plain" if capability >= (9, 0) else "plain_sm80"
+        return "prologue" if hopper else "prologue_sm80"
+    return "plain" if hopper else "plain_sm80"
 
 
 grad_weight_autotuned = {

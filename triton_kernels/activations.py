@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._utils import upcast
+
 IDENTITY: tl.constexpr = tl.constexpr(0)
 RELU: tl.constexpr = tl.constexpr(1)
 LEAKY_RELU: tl.constexpr = tl.constexpr(2)
@@ -159,3 +161,12 @@ def act_grad(grad, saved, ACT: tl.constexpr, negative_slope):
         tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
         # softplus_backward: z > threshold ? grad : grad * σ(z)
         return tl.where(saved > SOFTPLUS_THRESHOLD, grad, grad * tl.sigmoid(saved))
+
+
+@triton.jit
+def delta_tile(grad, saved, ACT: tl.constexpr, negative_slope, UPCAST: tl.constexpr):
+    """δ = grad ⊙ f′(saved) in float32 from two loaded storage-dtype tiles: the one prologue of
+    the δ pass and of both backward GEMMs (bf16 tiles are upcast under the interpreter)."""
+    return act_grad(
+        upcast(grad, UPCAST).to(tl.float32), upcast(saved, UPCAST).to(tl.float32), ACT, negative_slope
+    )

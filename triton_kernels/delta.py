@@ -32,9 +32,8 @@ from ._utils import (
     check_tensor,
     downcast,
     needs_upcast,
-    upcast,
 )
-from .activations import act_grad
+from .activations import delta_tile
 
 
 @triton.jit
@@ -54,7 +53,7 @@ def delta_kernel(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     g = tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask)
     s = tl.load(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask)
-    delta = act_grad(upcast(g, UPCAST).to(tl.float32), upcast(s, UPCAST).to(tl.float32), ACT, negative_slope)
+    delta = delta_tile(g, s, ACT, negative_slope, UPCAST)
     d_ptrs = delta_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
     tl.store(d_ptrs, downcast(delta, delta_ptr.dtype.element_ty, UPCAST), mask=mask)
 

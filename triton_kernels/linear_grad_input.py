@@ -37,7 +37,7 @@ from ._utils import (
     needs_upcast,
     upcast,
 )
-from .activations import IDENTITY, act_grad
+from .activations import IDENTITY, act_grad, delta_tile
 from .linear_forward import grouped_tile
 
 
@@ -83,13 +83,7 @@ def grad_input_kernel(
                 other=0.0,
             )
             # δ in fp32, rounded to the storage dtype like a materialised δ would be.
-            delta = act_grad(
-                upcast(g, UPCAST).to(tl.float32),
-                upcast(s, UPCAST).to(tl.float32),
-                ACT,
-                negative_slope,
-            )
-            delta = downcast(delta, g.dtype, UPCAST)
+            delta = downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
         else:
             delta = g
         w = tl.load(

@@ -40,7 +40,7 @@ from ._utils import (
     num_sms,
     upcast,
 )
-from .activations import IDENTITY, act_grad
+from .activations import IDENTITY, delta_tile
 from .linear_forward import grouped_tile
 
 
@@ -91,13 +91,7 @@ def grad_weight_kernel(
                 mask=mask_mn,
                 other=0.0,
             )
-            delta = act_grad(
-                upcast(g, UPCAST).to(tl.float32),
-                upcast(s, UPCAST).to(tl.float32),
-                ACT,
-                negative_slope,
-            )
-            delta = downcast(delta, g.dtype, UPCAST)
+            delta = downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
         else:
             delta = g
         if HAS_BIAS:

@@ -211,6 +211,25 @@ def _ce_head(
     return head
 
 
+def _save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+               reduction: str, grads: list[Tensor]) -> None:
+    """What both heads keep: the chunked gradients for mean/sum (backward only scales them), or
+    the inputs by reference for "none" (backward reruns the chunks with per-row weights)."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, bias, target)  # inputs: held by reference
+    else:
+        ctx.save_for_backward(*grads)
+
+
+def _head_backward(backward: Callable[[Any, Tensor], tuple], ctx: Any, grad_loss: Tensor | None) -> tuple:
+    if grad_loss is None:
+        return (None,) * len(ctx.needs_input_grad)
+    with ops.no_autocast(grad_loss.device.type):  # backward may run inside autocast
+        return backward(ctx, grad_loss)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """C = reduce_i [logsumexp(x_i Wᵀ + b) − (x_i Wᵀ + b)[t_i]], gradients precomputed per chunk.
 
@@ -255,22 +274,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, weight, bias, target, reduction, ignore_index, chunk_size, needs, backend = inputs
         _, *grads = output
-        ctx.mark_non_differentiable(*grads)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+        _save_head(ctx, x, weight, bias, target, reduction, grads)
         ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
         ctx.needs, ctx.backend = needs, backend
-        if reduction == "none":
-            ctx.save_for_backward(x, weight, bias, target)  # inputs: held by reference
-        else:
-            ctx.save_for_backward(*grads)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor) -> tuple:
-        if grad_loss is None:
-            return (None,) * len(ctx.needs_input_grad)
-        with ops.no_autocast(grad_loss.device.type):  # backward may run inside autocast
-            return LinearCrossEntropyFunction._backward(ctx, grad_loss)
+        return _head_backward(LinearCrossEntropyFunction._backward, ctx, grad_loss)
 
     @staticmethod
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:
@@ -348,21 +359,13 @@ class LinearMSEFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, weight, bias, target, reduction, chunk_size, needs, backend = inputs
         _, *grads = output
-        ctx.mark_non_differentiable(*grads)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+        _save_head(ctx, x, weight, bias, target, reduction, grads)
         ctx.reduction, ctx.chunk_size, ctx.needs, ctx.backend = reduction, chunk_size, needs, backend
-        if reduction == "none":
-            ctx.save_for_backward(x, weight, bias, target)
-        else:
-            ctx.save_for_backward(*grads)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor) -> tuple:
-        if grad_loss is None:
-            return (None,) * len(ctx.needs_input_grad)
-        with ops.no_autocast(grad_loss.device.type):  # backward may run inside autocast
-            return LinearMSEFunction._backward(ctx, grad_loss)
+        return _head_backward(LinearMSEFunction._backward, ctx, grad_loss)
 
     @staticmethod
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:

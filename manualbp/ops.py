@@ -26,11 +26,14 @@ Ops (schemas inferred from the type hints below; x and grad_out are rows: leadin
                                      ignore_index) -> grad_logits
 
 `backend` is "torch" (the reference) or "triton": the opaque op runs that backend exactly as eager
-code does, on any device it supports (also CPU tensors under TRITON_INTERPRET=1). On CUDA, once
-`manualbp.backends.triton` declares ``TRACEABLE_LAUNCHERS = True`` (its launchers launch through
-`torch.library.wrap_triton`), ``manualbp::triton_linear_forward`` / ``triton_linear_backward``
-(same schemas less `backend`) are used instead: `torch.library.triton_op`s, whose kernels
-Inductor sees (it can then schedule them, and CUDA graphs can capture them).
+code does, on any device it supports (also CPU tensors under TRITON_INTERPRET=1). On CUDA the
+Triton backend is traced as ``manualbp::triton_linear_forward`` / ``triton_linear_backward``
+instead (same schemas less `backend`): `torch.library.triton_op`s. Every launcher in
+`manualbp.triton_kernels` launches through `torch.library.wrap_triton` and decides everything
+from shapes, strides and dtypes, so AOTAutograd decomposes these ops into the kernel launches
+themselves and Inductor sees them (schedules them, autotunes them, CUDA graphs capture them);
+`torch.export` keeps them as ``manualbp::triton_linear_*`` nodes. ``MANUALBP_TRITON_OP=0`` (read
+when a graph is traced) runs the Triton backend in the opaque op on CUDA too.
 
 Conventions forced by the custom-op rules:
 
@@ -47,6 +50,7 @@ Conventions forced by the custom-op rules:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -359,15 +363,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> T
 
 
 def _traceable_launchers() -> bool:
-    """Whether the Triton backend declares launchers that go through `wrap_triton`.
+    """Whether CUDA graphs trace the Triton backend as the `triton_op`s (see the module docstring).
 
-    Only then can `triton_op` trace them (and never under TRITON_INTERPRET=1, where
-    `wrap_triton` hands back the untraceable interpreted kernel). Otherwise the Triton backend
-    runs inside the opaque `manualbp::linear_forward` op: still no graph break, but Inductor
-    cannot see the kernels.
+    Never under TRITON_INTERPRET=1 (`wrap_triton` hands back the interpreted kernel, which a
+    tracer cannot record), nor with ``MANUALBP_TRITON_OP=0``: the Triton backend then runs inside
+    the opaque `manualbp::linear_*` ops — still no graph break, but Inductor cannot see the kernels.
     """
+    if os.environ.get("MANUALBP_TRITON_OP", "1") == "0" or _triton_interpreted():
+        return False
+    return _register_triton_ops()
+
+
+def _triton_interpreted() -> bool:
     module = _triton_backend()
-    return bool(getattr(module, "TRACEABLE_LAUNCHERS", False)) and _register_triton_ops()
+    return module is None or bool(module._INTERPRET)
 
 
 # --------------------------------------------------------------------------------------- losses

@@ -2,8 +2,9 @@
 
 Graphs are tiny: Inductor on the CPU compiles C++ with gcc, which is what these tests pay for.
 The Triton backend is exercised here under the interpreter (conftest sets TRITON_INTERPRET=1),
-through the opaque `manualbp::linear_*` ops; the `triton_op` registration that lets Inductor see
-the kernels needs CUDA and is covered by the `cuda`-marked test.
+through the opaque `manualbp::linear_*` ops, and the `triton_op`s that CUDA graphs use are run
+eagerly; their decomposition into kernel launches is traced on fake CUDA tensors in
+tests/test_triton_op_trace.py, and compiled and run on a GPU by the `cuda`-marked test.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import manualbp as mbp
 from manualbp import functional as MF
 from manualbp import ops
 
-from .helpers import TOL, rel_err
+from .helpers import TOL, leaf, native_linear_act, rel_err
 
 F64 = torch.float64
 
@@ -251,6 +252,33 @@ def test_opcheck_loss_ops() -> None:
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize(("activation", "slope"), [("gelu", 0.0), ("leaky_relu", 0.3), ("sigmoid", 0.0)])
+def test_triton_op_autograd_under_interpreter(activation: str, slope: float) -> None:
+    """``manualbp::triton_linear_*`` run eagerly (kernels interpreted): values, every gradient and
+    the autograd registration. Their tracing into kernel launches is tests/test_triton_op_trace.py."""
+    assert ops.triton_ops_available()
+    torch.manual_seed(0)
+    x64 = torch.randn(17, 33, dtype=F64)
+    w64, b64 = torch.randn(20, 33, dtype=F64) / 6, torch.randn(20, dtype=F64)
+    g64 = torch.randn(17, 20, dtype=F64)
+    x, w, b = (leaf(t.float()) for t in (x64, w64, b64))
+    out, _ = ops._triton_forward(x, w, b, activation, slope)
+    grads = torch.autograd.grad(out, [x, w, b], g64.float())
+    kw = {"negative_slope": slope} if activation == "leaky_relu" else {}
+    r64 = [leaf(t) for t in (x64, w64, b64)]
+    ref = native_linear_act(*r64, activation, **kw)
+    ref_grads = torch.autograd.grad(ref, r64, g64)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    for ours, theirs in zip(grads, ref_grads, strict=True):
+        assert rel_err(ours, theirs) <= TOL[torch.float32]
+    # Under the interpreter the kernels cannot run on fake tensors, so opcheck's fake-tensor and
+    # AOT-dispatch checks belong to the trace test; schema and autograd registration are checked here.
+    torch.library.opcheck(
+        ops._triton_forward, (x, w, b, activation, slope),
+        test_utils=("test_schema", "test_autograd_registration"),
+    )  # fmt: skip
+
+
 def test_linear_op_matches_eager_function_bitwise() -> None:
     """The op is a thin wrapper: same forward values and gradients as the eager Function."""
     x = torch.randn(3, 2, 5, requires_grad=True)
@@ -291,13 +319,28 @@ def test_compile_fullgraph_triton_cuda() -> None:
     assert rel_err(cl, el) <= TOL[torch.float32]
     for ours, ref in zip(cg, eg, strict=True):
         assert rel_err(ours, ref) <= TOL[torch.float32]
-    # The opaque op runs the Triton backend on CUDA; the triton_op form once the launchers are
-    # traceable (manualbp.backends.triton.TRACEABLE_LAUNCHERS).
+    # Compiled graphs on CUDA use the triton_op form; opcheck both it and the opaque op.
     cuda_samples = [
         tuple(a.detach().cuda().requires_grad_() if isinstance(a, Tensor) else a for a in args)
         for args in _linear_samples("triton", torch.float32)
     ]
     for args in cuda_samples:
         torch.library.opcheck(ops.linear_forward, args)
-        if ops._traceable_launchers():
-            torch.library.opcheck(ops._triton_forward, args[:-1])
+        torch.library.opcheck(ops._triton_forward, args[:-1])
+    assert ops._traceable_launchers(), "CUDA graphs should trace the Triton backend as triton_ops"
+    # And the compiled graphs launch the kernels themselves (no opaque manualbp op left).
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: object) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with mbp.use_backend("triton"):
+        backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+        _eager_and_compiled(_ce_step, model, x, target, backend=backend)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("triton_kernel_wrapper" in t for t in targets), targets
+    assert not any("manualbp.linear" in t for t in targets), targets

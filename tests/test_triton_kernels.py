@@ -180,21 +180,15 @@ def test_grad_weight_split_k_forced(name, dtype):
     assert torch.equal(gw, gw2) and torch.equal(gb, gb2)
 
 
-def test_split_heuristic():
+def test_split_heuristic(monkeypatch: pytest.MonkeyPatch):
     gpu = torch.device("cuda")
     # Too few rows to split, or already enough output tiles: no split.
     assert choose_split(130, 33, 64, torch.device("cpu")) == 1
     # With 132 SMs: 64 tiles of 128 × 128 → 3 ranges; capped by rows / 2048.
-    import manualbp.triton_kernels.linear_grad_weight as lgw
-
-    orig = lgw.num_sms
-    lgw.num_sms = lambda device: 132
-    try:
-        assert choose_split(65536, 1024, 1024, gpu) == 3
-        assert choose_split(4096, 256, 256, gpu) == 2
-        assert choose_split(65536, 4096, 4096, gpu) == 1
-    finally:
-        lgw.num_sms = orig
+    monkeypatch.setattr(_utils, "num_sms", lambda device: 132)
+    assert choose_split(65536, 1024, 1024, gpu) == 3
+    assert choose_split(4096, 256, 256, gpu) == 2
+    assert choose_split(65536, 4096, 4096, gpu) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

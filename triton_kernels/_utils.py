@@ -60,20 +60,63 @@ def launch_kwargs(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def traceable(kernel):
+    """`kernel` as `torch.library.wrap_triton` hands it back; every launch goes through this.
+
+    In eager code (and under the interpreter) that is the kernel itself. While a
+    `torch.library.triton_op` is traced (`torch.compile` decomposes ``manualbp::triton_linear_*``
+    into the kernels they launch) the launch is recorded as a graph node instead of run, so
+    Inductor can schedule it. The launchers therefore never read tensor data on the host: what
+    they decide (configs, splits, placeholders) depends on shapes, strides, dtypes and the device.
+    """
+    return torch.library.wrap_triton(kernel)
+
+
 def launch_first_fitting(kernel, grid, configs: list[triton.Config], *args, **kwargs) -> None:
     """Launch `kernel` with the first of `configs` that the device can run (the path taken when
     autotuning is off). A configuration whose shared memory exceeds the device — fp32 with
-    deep pipelines on sm_80 — raises OutOfResources at launch; the next one is tried."""
+    deep pipelines on sm_80 — raises OutOfResources at launch; the next one is tried. (A traced
+    launch raises nothing: the first configuration is recorded, and every first configuration
+    fits sm_80 and sm_90, as the AOT check proves.)"""
     from triton.runtime.errors import OutOfResources
 
     for config in configs:
         try:
-            kernel[grid](*args, **kwargs, **launch_kwargs(config))
+            traceable(kernel)[grid](*args, **kwargs, **launch_kwargs(config))
             return
         except OutOfResources:
             continue
     name = getattr(kernel, "__name__", "kernel")
     raise RuntimeError(f"{name}: no configuration fits the device's shared memory")
+
+
+def launch_gemm(
+    kernel,
+    grid,
+    args: tuple,
+    flags: dict,
+    *,
+    autotuned: dict,
+    configs: dict[str, list[triton.Config]],
+    flavour: Callable[[tuple[int, int]], str],
+    interpreter_config: triton.Config,
+) -> None:
+    """Launch one of the GEMM kernels: `interpreter_config` under the interpreter; on a GPU the
+    config list `flavour(capability)` names, autotuned (`autotuned[name]`) or, with autotuning
+    off, its first configuration that fits."""
+    if INTERPRET:
+        traceable(kernel)[grid](*args, **flags, **interpreter_config.kwargs)
+        return
+    name = flavour(device_capability(args[0].device))
+    if autotune_enabled():
+        traceable(autotuned[name])[grid](*args, **flags)
+    else:
+        launch_first_fitting(kernel, grid, configs[name], *args, **flags)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device: selects the config lists."""
+    return torch.cuda.get_device_capability(device)
 
 
 def gemm_config(

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _utils
 from ._utils import INTERPRET, check_device, check_matrix, needs_upcast, upcast
 
 __all__ = ["cross_entropy_rows", "cross_entropy_kernel"]
@@ -152,7 +153,7 @@ def cross_entropy_rows(
     if M == 0:
         return loss, lse
     g = grad if has_grad else logits  # placeholder pointer, never written without HAS_GRAD
-    cross_entropy_kernel[(M,)](
+    _utils.traceable(cross_entropy_kernel)[(M,)](
         logits, target, scale if has_grad else loss, loss, lse, g,
         C, int(ignore_index),
         logits.stride(0), logits.stride(1),

@@ -84,7 +84,7 @@ def linear_delta(
         return delta
     block = INTERPRETER_BLOCK if INTERPRET else GPU_BLOCK
     grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]))
-    delta_kernel[grid](
+    _utils.traceable(delta_kernel)[grid](
         grad_out, saved, delta,
         M, N,
         grad_out.stride(0), grad_out.stride(1),

@@ -18,9 +18,7 @@ import triton.language as tl
 
 from . import _utils
 from ._utils import (
-    INTERPRET,
     Alloc,
-    autotune_enabled,
     check_act_id,
     check_matrix,
     check_slope,
@@ -28,7 +26,6 @@ from ._utils import (
     downcast,
     gemm_config,
     input_precision,
-    launch_first_fitting,
     needs_upcast,
     upcast,
 )
@@ -226,12 +223,11 @@ def linear_forward(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if INTERPRET:
-        linear_forward_kernel[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
-    else:
-        flavour = config_flavour(act_id, torch.cuda.get_device_capability(x.device), x.dtype)
-        if autotune_enabled():
-            linear_forward_autotuned[flavour][grid](*args, **flags)
-        else:
-            launch_first_fitting(linear_forward_kernel, grid, CONFIGS[flavour], *args, **flags)
+    _utils.launch_gemm(
+        linear_forward_kernel, grid, args, flags,
+        autotuned=linear_forward_autotuned,
+        configs=CONFIGS,
+        flavour=lambda capability: config_flavour(act_id, capability, x.dtype),
+        interpreter_config=INTERPRETER_CONFIG,
+    )  # fmt: skip
     return a, z

@@ -23,9 +23,7 @@ import triton.language as tl
 
 from . import _utils
 from ._utils import (
-    INTERPRET,
     Alloc,
-    autotune_enabled,
     check_act_id,
     check_matrix,
     check_slope,
@@ -33,7 +31,6 @@ from ._utils import (
     downcast,
     gemm_config,
     input_precision,
-    launch_first_fitting,
     needs_upcast,
     upcast,
 )
@@ -236,13 +233,11 @@ def linear_grad_input(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
-    if INTERPRET:
-        grad_input_kernel[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
-    else:
-        capability = torch.cuda.get_device_capability(device)
-        flavour = config_flavour(act_id, prev_act_id, capability, dtype)
-        if autotune_enabled():
-            grad_input_autotuned[flavour][grid](*args, **flags)
-        else:
-            launch_first_fitting(grad_input_kernel, grid, CONFIGS[flavour], *args, **flags)
+    _utils.launch_gemm(
+        grad_input_kernel, grid, args, flags,
+        autotuned=grad_input_autotuned,
+        configs=CONFIGS,
+        flavour=lambda capability: config_flavour(act_id, prev_act_id, capability, dtype),
+        interpreter_config=INTERPRETER_CONFIG,
+    )  # fmt: skip
     return out

@@ -27,7 +27,6 @@ from . import _utils
 from ._utils import (
     INTERPRET,
     Alloc,
-    autotune_enabled,
     check_act_id,
     check_matrix,
     check_slope,
@@ -35,9 +34,7 @@ from ._utils import (
     downcast,
     gemm_config,
     input_precision,
-    launch_first_fitting,
     needs_upcast,
-    num_sms,
     upcast,
 )
 from .activations import IDENTITY, delta_tile
@@ -215,7 +212,7 @@ def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
     N = K = 1024 on a 132-SM H200 → 64 tiles → split 3 (3 × 64 = 192 programs, ~21k rows each).
     """
     tiles = triton.cdiv(N, NOMINAL_TILE) * triton.cdiv(K, NOMINAL_TILE)
-    sms = num_sms(device)
+    sms = _utils.num_sms(device)
     if tiles >= sms:
         return 1
     split = min(triton.cdiv(sms, tiles), M // MIN_ROWS_PER_SPLIT, MAX_SPLIT)
@@ -316,14 +313,13 @@ def linear_grad_weight(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K_eff, meta["BLOCK_K"]), split)
 
-    if INTERPRET:
-        grad_weight_kernel[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
-    else:
-        flavour = config_flavour(act_id, torch.cuda.get_device_capability(device), dtype)
-        if autotune_enabled():
-            grad_weight_autotuned[flavour][grid](*args, **flags)
-        else:
-            launch_first_fitting(grad_weight_kernel, grid, CONFIGS[flavour], *args, **flags)
+    _utils.launch_gemm(
+        grad_weight_kernel, grid, args, flags,
+        autotuned=grad_weight_autotuned,
+        configs=CONFIGS,
+        flavour=lambda capability: config_flavour(act_id, capability, dtype),
+        interpreter_config=INTERPRETER_CONFIG,
+    )  # fmt: skip
 
     if split > 1:
         blocks = REDUCE_BLOCK_INTERPRETER if INTERPRET else REDUCE_BLOCK
@@ -337,7 +333,7 @@ def linear_grad_weight(
 def _reduce(part: torch.Tensor, out: torch.Tensor, blocks: dict[str, int]) -> None:
     split, R, C = part.shape
     grid = (triton.cdiv(R, blocks["BLOCK_R"]), triton.cdiv(C, blocks["BLOCK_C"]))
-    split_reduce_kernel[grid](
+    _utils.traceable(split_reduce_kernel)[grid](
         part, out, split, R, C, part.stride(0), out.stride(0), out.stride(1),
         UPCAST=needs_upcast(out.dtype), **blocks,
     )  # fmt: skip

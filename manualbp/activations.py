@@ -62,7 +62,7 @@ class Activation:
             return grad_out
         if self.name == "relu":
             # threshold_backward: where a ≤ 0 the gradient is exactly 0, even if grad_out is Inf.
-            return torch.where(saved <= 0, torch.zeros((), dtype=grad_out.dtype), grad_out)
+            return grad_out.masked_fill(saved <= 0, 0)
         if self.name == "leaky_relu":
             return torch.where(saved > 0, grad_out, grad_out * self.negative_slope)
         return grad_out * self.derivative(saved)

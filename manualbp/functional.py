@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from manualbp import backends, ops
+from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
-from manualbp.backends.reference import compute_dtype
+from manualbp.backends.reference import cast, compute_dtype
 
 __all__ = [
     "linear",
@@ -67,13 +68,13 @@ def _check_reduction(reduction: str) -> None:
 
 def _rows(t: Tensor) -> Tensor:
     """All leading dimensions as rows: a view whenever the strides allow one."""
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 # --------------------------------------------------------------------------------------- linear
 
 
-class LinearActFunction(torch.autograd.Function):
+class LinearActFunction(PositionalFunction):
     """a = f(x Wᵀ + b) forward; δ = ∂C/∂a ⊙ f′, δᵀx, Σδ and δW backward.
 
     Saves x and W by reference (autograd holds them anyway) and one activation-sized tensor:
@@ -197,7 +198,7 @@ def _count(input: Tensor, per_example: bool) -> int:
     return input.shape[0] if per_example and input.dim() > 0 else input.numel()
 
 
-class SquaredErrorFunction(torch.autograd.Function):
+class SquaredErrorFunction(PositionalFunction):
     """C = scale · Σ (y − t)² reduced; ∂C/∂y = 2·scale·(y − t) · ∂(reduction), ∂C/∂t = −∂C/∂y.
 
     `per_example` sums over all but the first dimension before a "none" reduction, and "mean"
@@ -208,11 +209,12 @@ class SquaredErrorFunction(torch.autograd.Function):
     def forward(
         input: Tensor, target: Tensor, reduction: str, scale: float, per_example: bool
     ) -> Tensor:
-        diff = input.to(compute_dtype(input.dtype)) - target.to(compute_dtype(input.dtype))
+        cdt = compute_dtype(input.dtype)
+        diff = cast(input, cdt) - cast(target, cdt)
         squares = scale * diff * diff
         if per_example and input.dim() > 1:
             squares = squares.flatten(1).sum(1)
-        return _reduce(squares, reduction, _count(input, per_example)).to(input.dtype)
+        return cast(_reduce(squares, reduction, _count(input, per_example)), input.dtype)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -224,9 +226,9 @@ class SquaredErrorFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple:
         input, target = ctx.saved_tensors
         cdt = compute_dtype(input.dtype)
-        diff = input.to(cdt) - target.to(cdt)
+        diff = cast(input, cdt) - cast(target, cdt)
         grad = 2 * ctx.scale * diff
-        g = grad_loss.to(cdt)
+        g = cast(grad_loss, cdt)
         if ctx.reduction == "none":
             if ctx.per_example and input.dim() > 1:
                 g = g.view(-1, *([1] * (input.dim() - 1)))
@@ -234,8 +236,8 @@ class SquaredErrorFunction(torch.autograd.Function):
         else:
             count = _count(input, ctx.per_example)
             grad = grad * (g / count if ctx.reduction == "mean" else g)
-        grad_input = grad.to(input.dtype) if ctx.needs_input_grad[0] else None
-        grad_target = (-grad).to(target.dtype) if ctx.needs_input_grad[1] else None
+        grad_input = cast(grad, input.dtype) if ctx.needs_input_grad[0] else None
+        grad_target = cast(-grad, target.dtype) if ctx.needs_input_grad[1] else None
         return grad_input, grad_target, None, None, None
 
 
@@ -266,7 +268,7 @@ def _squared_error(
     return SquaredErrorFunction.apply(input, target, reduction, scale, per_example)
 
 
-class CrossEntropyFunction(torch.autograd.Function):
+class CrossEntropyFunction(PositionalFunction):
     """Softmax + log-loss fused: C_i = logsumexp(z_i) − z_i[t_i], ∂C_i/∂z_i = softmax(z_i) − onehot(t_i).
 
     The max trick keeps logsumexp finite: with m = max z_i, log_norm = log Σ exp(z_i − m) and
@@ -278,7 +280,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits: Tensor, target: Tensor, reduction: str, ignore_index: int) -> tuple:
-        z = logits.to(compute_dtype(logits.dtype))
+        z = cast(logits, compute_dtype(logits.dtype))
         valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
         shifted = z - z.amax(dim=1, keepdim=True)  # all -inf rows give NaN, exactly as native
@@ -287,7 +289,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         losses = torch.where(valid, log_norm - picked, torch.zeros_like(log_norm))
         count = valid.sum()
         loss = _reduce(losses, reduction, count)  # mean: 0/0 = NaN if every row is ignored, as native
-        return loss.to(logits.dtype), log_norm, count
+        return cast(loss, logits.dtype), log_norm, count
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -300,18 +302,18 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, _g_log_norm: Tensor, _g_count: Tensor) -> tuple:
         logits, target, log_norm, count = ctx.saved_tensors
-        z = logits.to(log_norm.dtype)
+        z = cast(logits, log_norm.dtype)
         valid = target != ctx.ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
         shifted = z - z.amax(dim=1, keepdim=True)
         grad = (shifted - log_norm.unsqueeze(1)).exp()  # softmax = exp(log softmax)
         grad.scatter_add_(1, safe_target.unsqueeze(1), -torch.ones_like(log_norm).unsqueeze(1))
-        g = grad_loss.to(log_norm.dtype)
+        g = cast(grad_loss, log_norm.dtype)
         if ctx.reduction == "mean":
             g = g / count
         row_scale = torch.where(valid, g, torch.zeros_like(log_norm))  # ignored rows get exactly 0
         grad = grad * row_scale.unsqueeze(1)
-        return grad.to(logits.dtype), None, None, None
+        return cast(grad, logits.dtype), None, None, None
 
 
 def _check_ignore_index(ignore_index: Any) -> int:

@@ -41,9 +41,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation
 from manualbp.backends import reference
-from manualbp.backends.reference import compute_dtype
+from manualbp.backends.reference import cast, compute_dtype
 
 __all__ = [
     "MLPFunction",
@@ -113,16 +114,17 @@ def reference_step(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The step in plain PyTorch; 16-bit operands are computed in float32 and rounded once."""
     cdt = compute_dtype(grad.dtype)
-    delta = grad.to(cdt) if saved is None else act.delta(grad.to(cdt), saved.to(cdt))
-    grad_weight = (delta.t() @ x.to(cdt)).to(weight.dtype) if need_weight else None
-    grad_bias = delta.sum(0).to(weight.dtype) if need_bias else None
+    grad_c = cast(grad, cdt)
+    delta = grad_c if saved is None else act.delta(grad_c, cast(saved, cdt))
+    grad_weight = cast(delta.t() @ cast(x, cdt), weight.dtype) if need_weight else None
+    grad_bias = cast(delta.sum(0), weight.dtype) if need_bias else None
     grad_prev = None
     if need_prev:
-        grad_prev = delta @ weight.to(cdt)
+        grad_prev = delta @ cast(weight, cdt)
         if prev_act is not None:
             # δˡ⁻¹ = f′ˡ⁻¹ ⊙ (δˡ Wˡ): rounded once, after the product, as the fused epilogue does.
-            grad_prev = prev_act.delta(grad_prev, prev_saved.to(cdt))  # type: ignore[union-attr]
-        grad_prev = grad_prev.to(x.dtype)
+            grad_prev = prev_act.delta(grad_prev, cast(prev_saved, cdt))  # type: ignore[arg-type]
+        grad_prev = cast(grad_prev, x.dtype)
     return grad_prev, grad_weight, grad_bias
 
 
@@ -161,7 +163,7 @@ def _layer_input(x: Tensor, plan: NetworkPlan, kept: Sequence[Tensor | None], la
     assert prev is not None  # every layer but an identity last one keeps its tensor
     if prev_act.uses_output:
         return prev
-    return prev_act(prev.to(compute_dtype(prev.dtype))).to(prev.dtype)
+    return cast(prev_act(cast(prev, compute_dtype(prev.dtype))), prev.dtype)
 
 
 def _lowest_needed(needs_x: bool, needs_layer: Sequence[bool]) -> int:
@@ -174,7 +176,7 @@ def _lowest_needed(needs_x: bool, needs_layer: Sequence[bool]) -> int:
 # ------------------------------------------------------------------------------ the Function
 
 
-class MLPFunction(torch.autograd.Function):
+class MLPFunction(PositionalFunction):
     """aᴸ = fᴸ(Wᴸ ⋯ f¹(W¹x + b¹) ⋯ + bᴸ) forward; the seed's δ recursion backward.
 
     Inputs: `x` (M, in) — already flattened to rows —, the plan, and the parameters as a flat

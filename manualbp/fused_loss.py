@@ -24,12 +24,38 @@ the Triton backend runs the layer GEMM kernels and, for cross-entropy, the softm
 kernel of `manualbp.triton_kernels.cross_entropy`. On the Triton backend the logits and their
 gradient are stored in the input dtype (as native F.linear would), and for 16-bit inputs each
 chunk's weight gradient is rounded to the storage dtype before the float32 sum over chunks.
+
+torch.compile / torch.export: eager calls run the autograd Functions below. While a graph is
+captured (`torch.compiler.is_compiling()`) the heads call `torch.library` custom ops instead,
+opaque to the tracer as the layer's ops of `manualbp.ops` are (no graph break, and an exported
+program records them by name):
+
+    manualbp::linear_cross_entropy_forward(x, weight, bias?, target, reduction, ignore_index,
+        chunk_size, need_x, need_weight, need_bias, backend) -> (loss, grad_x, grad_weight, grad_bias)
+    manualbp::linear_cross_entropy_backward(grad_loss, x, weight, bias?, target, ignore_index,
+        chunk_size, need_x, need_weight, need_bias, backend) -> (grad_x, grad_weight, grad_bias)
+    manualbp::linear_mse_forward(x, weight, bias?, target, reduction, chunk_size,
+        need_x, need_weight, need_bias, need_target, backend) -> (loss, 4 gradients)
+    manualbp::linear_mse_backward(grad_loss, x, weight, bias?, target, chunk_size,
+        need_x, need_weight, need_bias, need_target, backend) -> (4 gradients)
+
+They run the Functions' own forward/backward bodies. The forward op precomputes the gradients
+named by its need flags (read from `requires_grad` at trace time); for "mean"/"sum" the compiled
+backward only scales them (plain torch ops). The backward op runs the chunk loop again with
+per-row weights ∂C/∂ℓ_i: for reduction "none", and for any gradient autograd wants that forward
+did not precompute (an exported program run with other `requires_grad` than it was traced with —
+only then are the inputs saved too). Unneeded gradients are (0,)-shaped placeholders (ops return
+neither None nor aliases). The class-range check of the targets reads their values, so it runs
+inside the forward op at run time. `backend` ("torch" or "triton") is the one in force at trace
+time, baked into the graph as for `manualbp.ops`; the Triton backend runs inside the opaque op
+(the heads have no `triton_op` form that Inductor could see into).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -38,6 +64,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from manualbp import backends, ops
+from manualbp._autograd import PositionalFunction
 from manualbp.backends import reference
 from manualbp.backends.reference import compute_dtype
 
@@ -230,7 +257,7 @@ def _head_backward(backward: Callable[[Any, Tensor], tuple], ctx: Any, grad_loss
         return backward(ctx, grad_loss)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class LinearCrossEntropyFunction(PositionalFunction):
     """C = reduce_i [logsumexp(x_i Wᵀ + b) − (x_i Wᵀ + b)[t_i]], gradients precomputed per chunk.
 
     Inputs are flattened: x (M, K), target (M,). Outputs: the loss and the three precomputed
@@ -324,7 +351,7 @@ def _mse_head(
     return head
 
 
-class LinearMSEFunction(torch.autograd.Function):
+class LinearMSEFunction(PositionalFunction):
     """C = reduce (x Wᵀ + b − t)², chunk by chunk; gradients precomputed for "mean"/"sum"."""
 
     @staticmethod
@@ -383,6 +410,304 @@ class LinearMSEFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+# ------------------------------------------------------------------------------ custom ops
+
+# While a graph is captured the heads run as these ops (see the module docstring): opaque to the
+# tracer, they run the Functions' own forward and backward bodies. Unneeded gradients are (0,)
+# placeholders (ops return neither None nor aliases); `backend` is "torch" or "triton".
+
+
+@dataclass
+class _HeadCtx:
+    """The ctx fields the Functions' `_backward` reads ("none" path): the backward ops call it."""
+
+    saved_tensors: tuple[Tensor | None, ...]
+    needs: tuple[bool, ...]
+    backend: ModuleType
+    chunk_size: int
+    ignore_index: int = -100
+    reduction: str = "none"
+
+
+def _filled(grads: Any, like: Tensor) -> tuple[Tensor, ...]:
+    return tuple(_placeholder(g, like) for g in grads)
+
+
+def _fake_grads(
+    x: Tensor, weight: Tensor, target: Tensor | None, needs: tuple[bool, ...]
+) -> tuple[Tensor, ...]:
+    """Fakes of (grad_x, grad_weight, grad_bias[, grad_target]) as `_run_chunks` allocates them."""
+    wanted = [
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape[:1]),
+    ]
+    if target is not None:
+        wanted.append(torch.empty_like(target))
+    return tuple(g if need else x.new_empty(0) for g, need in zip(wanted, needs, strict=True))
+
+
+def _wanted(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
+    return [g if need else None for g, need in zip(grads, needs, strict=True)]
+
+
+@torch.library.custom_op(f"{ops._NS}::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: str,
+    ignore_index: int,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_weight, grad_bias) of `LinearCrossEntropyFunction.forward`."""
+    # The range check reads target values, which a tracer cannot: it runs here, at run time.
+    ops.check_class_range(target, weight.shape[0], ignore_index)
+    needs = (need_x, need_weight, need_bias)
+    module = ops._backend_module(backend)
+    with ops.no_autocast(x.device.type):
+        return LinearCrossEntropyFunction.forward(  # type: ignore[return-value]
+            x, weight, bias, target, reduction, ignore_index, chunk_size, needs, module
+        )
+
+
+@torch.library.custom_op(f"{ops._NS}::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) for row weights ∂C/∂ℓ_i = grad_loss[i] (shape (M,)).
+
+    The chunk loop of reduction "none"; also what the autograd formula calls (with the weights of
+    "mean"/"sum") for a gradient that forward did not precompute.
+    """
+    needs = (need_x, need_weight, need_bias)
+    ctx = _HeadCtx((x, weight, bias, target), needs, ops._backend_module(backend), chunk_size,
+                   ignore_index)  # fmt: skip
+    with ops.no_autocast(x.device.type):
+        grads = LinearCrossEntropyFunction._backward(ctx, grad_loss)[:3]
+    return _filled(grads, x)  # type: ignore[return-value]
+
+
+@linear_cross_entropy_forward.register_fake
+def _linear_cross_entropy_forward_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: str,
+    ignore_index: int,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    none = reduction == "none"
+    loss = x.new_empty(x.shape[:1] if none else ())
+    needs = (False,) * 3 if none else (need_x, need_weight, need_bias)
+    return (loss, *_fake_grads(x, weight, None, needs))  # type: ignore[return-value]
+
+
+@linear_cross_entropy_backward.register_fake
+def _linear_cross_entropy_backward_fake(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _fake_grads(x, weight, None, (need_x, need_weight, need_bias))  # type: ignore[return-value]
+
+
+def _save_op_head(ctx: Any, inputs: tuple, reduction: str, grads: tuple, needs: tuple) -> None:
+    """What the ops keep: the gradients forward precomputed, plus the inputs (by reference).
+
+    The inputs only when backward must run the chunk loop for a gradient autograd wants that
+    forward did not precompute: reduction "none", or an exported program run with other
+    `requires_grad` than it was traced with (the need flags are baked into its graph).
+    """
+    precomputed = needs if reduction != "none" else (False,) * len(needs)
+    wanted = ctx.needs_input_grad[: len(needs)]
+    late = any(w and not p for w, p in zip(wanted, precomputed, strict=True))
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    ctx.save_for_backward(*grads, *(inputs if late else ()))
+    ctx.precomputed, ctx.reduction = precomputed, reduction
+
+
+def _op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tuple]) -> list:
+    """The gradients autograd wants: precomputed ones scaled, the others from `late_op`."""
+    n = len(ctx.precomputed)
+    wanted = ctx.needs_input_grad[:n]
+    grads = _scaled_all(ctx.saved_tensors[:n], ctx.precomputed, grad_loss)
+    late = tuple(w and not p for w, p in zip(wanted, ctx.precomputed, strict=True))
+    if any(late):
+        late_grads = late_op(grad_loss, late)
+        grads = [g if need else p for p, g, need in zip(grads, late_grads, late, strict=True)]
+    return _wanted(grads, wanted)
+
+
+def _ce_op_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, target, reduction, ignore_index, chunk_size, *needs, backend = inputs
+    _save_op_head(ctx, (x, weight, bias, target), reduction, output[1:], tuple(needs))
+    ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
+
+
+def _ce_op_backward(ctx: Any, grad_loss: Tensor) -> tuple:
+    def late_op(grad_loss: Tensor, late: tuple) -> tuple:
+        x, weight, bias, target = ctx.saved_tensors[3:]
+        row_grad = grad_loss.to(compute_dtype(x.dtype))  # ∂C/∂ℓ_i per row
+        if ctx.reduction == "mean":
+            row_grad = row_grad / (target != ctx.ignore_index).sum()
+        return linear_cross_entropy_backward(
+            row_grad.expand(target.shape), x, weight, bias, target, ctx.ignore_index,
+            ctx.chunk_size, *late, ctx.backend,
+        )  # fmt: skip
+
+    return (*_op_grads(ctx, grad_loss, late_op), *(None,) * 8)
+
+
+linear_cross_entropy_forward.register_autograd(
+    lambda ctx, grad_loss, *_: _head_backward(_ce_op_backward, ctx, grad_loss),
+    setup_context=_ce_op_setup_context,
+)
+
+
+@torch.library.custom_op(f"{ops._NS}::linear_mse_forward", mutates_args=())
+def linear_mse_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: str,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_target: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_weight, grad_bias, grad_target) of `LinearMSEFunction.forward`."""
+    needs = (need_x, need_weight, need_bias, need_target)
+    module = ops._backend_module(backend)
+    with ops.no_autocast(x.device.type):
+        return LinearMSEFunction.forward(  # type: ignore[return-value]
+            x, weight, bias, target, reduction, chunk_size, needs, module
+        )
+
+
+@torch.library.custom_op(f"{ops._NS}::linear_mse_backward", mutates_args=())
+def linear_mse_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_target: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_target) for element weights grad_loss (M, N)."""
+    needs = (need_x, need_weight, need_bias, need_target)
+    ctx = _HeadCtx((x, weight, bias, target), needs, ops._backend_module(backend), chunk_size)
+    with ops.no_autocast(x.device.type):
+        grads = LinearMSEFunction._backward(ctx, grad_loss)[:4]
+    return _filled(grads, x)  # type: ignore[return-value]
+
+
+@linear_mse_forward.register_fake
+def _linear_mse_forward_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: str,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_target: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    none = reduction == "none"
+    loss = x.new_empty(target.shape if none else ())
+    needs = (False,) * 4 if none else (need_x, need_weight, need_bias, need_target)
+    return (loss, *_fake_grads(x, weight, target, needs))  # type: ignore[return-value]
+
+
+@linear_mse_backward.register_fake
+def _linear_mse_backward_fake(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    chunk_size: int,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_target: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    needs = (need_x, need_weight, need_bias, need_target)
+    return _fake_grads(x, weight, target, needs)  # type: ignore[return-value]
+
+
+def _mse_op_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, target, reduction, chunk_size, *needs, backend = inputs
+    _save_op_head(ctx, (x, weight, bias, target), reduction, output[1:], tuple(needs))
+    ctx.chunk_size, ctx.backend = chunk_size, backend
+
+
+def _mse_op_backward(ctx: Any, grad_loss: Tensor) -> tuple:
+    def late_op(grad_loss: Tensor, late: tuple) -> tuple:
+        x, weight, bias, target = ctx.saved_tensors[4:]
+        elem_grad = grad_loss.to(compute_dtype(x.dtype))  # ∂C/∂ℓ per element
+        if ctx.reduction == "mean":
+            elem_grad = elem_grad / target.numel()
+        return linear_mse_backward(
+            elem_grad.expand(target.shape), x, weight, bias, target, ctx.chunk_size, *late, ctx.backend
+        )
+
+    return (*_op_grads(ctx, grad_loss, late_op), *(None,) * 7)
+
+
+linear_mse_forward.register_autograd(
+    lambda ctx, grad_loss, *_: _head_backward(_mse_op_backward, ctx, grad_loss),
+    setup_context=_mse_op_setup_context,
+)
+
+
+def _traced_backend(device: torch.device) -> str:
+    """The backend in force, read at trace time; the heads have no `triton_op` form."""
+    name = ops.backend_name(device.type, -1 if device.index is None else device.index)
+    return "triton" if name == "triton_op" else name
+
+
 # ------------------------------------------------------------------------------ public API
 
 
@@ -426,8 +751,11 @@ def _check_head(x: Tensor, weight: Tensor, bias: Tensor | None, reduction: str) 
     MF._check_linear_args(x, weight, bias)
 
 
-def _check_class_target(target: Any, x: Tensor, classes: int, ignore_index: int) -> Tensor:
-    """The checks of `manualbp.functional.cross_entropy`, for targets of shape x.shape[:-1]."""
+def _check_class_target(target: Any, x: Tensor, ignore_index: int) -> Tensor:
+    """The checks of `manualbp.functional.cross_entropy`, for targets of shape x.shape[:-1].
+
+    All but the class range, which reads values: the caller (eager) or the op (compiled) runs it.
+    """
     if not isinstance(target, Tensor):
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
@@ -448,7 +776,6 @@ def _check_class_target(target: Any, x: Tensor, classes: int, ignore_index: int)
             f"target: on device {target.device} but input is on {x.device}; "
             "expected all tensors on the same device"
         )
-    ops.check_class_range(target, classes, ignore_index)
     return target
 
 
@@ -478,15 +805,17 @@ def linear_cross_entropy(
     autocast_on = _autocast_on(x.device.type)
     x, weight, bias = ops.autocast_to(x.device.type, None, x, weight, bias)
     _check_head(x, weight, bias, reduction)
-    _check_class_target(target, x, weight.shape[0], ignore_index)
+    _check_class_target(target, x, ignore_index)
     rows = x.reshape(-1, x.shape[-1])
     chunk = _check_chunk(chunk_size, rows.shape[0], weight.shape[1], weight.shape[0])
-    backend = backends.resolve(x.device)
+    args = (rows, weight, bias, target.reshape(-1), reduction, int(ignore_index), chunk)
+    needs = _needs(x, weight, bias)
     with ops.no_autocast(x.device.type):
-        loss, *_ = LinearCrossEntropyFunction.apply(
-            rows, weight, bias, target.reshape(-1), reduction, int(ignore_index), chunk,
-            _needs(x, weight, bias), backend,
-        )  # fmt: skip
+        if torch.compiler.is_compiling():
+            loss, *_ = linear_cross_entropy_forward(*args, *needs, _traced_backend(x.device))
+        else:
+            ops.check_class_range(target, weight.shape[0], ignore_index)
+            loss, *_ = LinearCrossEntropyFunction.apply(*args, needs, backends.resolve(x.device))
         if autocast_on:
             loss = loss.float()
     return loss.view(target.shape) if reduction == "none" else loss
@@ -520,10 +849,11 @@ def linear_mse_loss(
     MF._check_same("target", target, "input", x)
     rows = x.reshape(-1, x.shape[-1])
     chunk = _check_chunk(chunk_size, rows.shape[0], weight.shape[1], weight.shape[0])
-    backend = backends.resolve(x.device)
+    args = (rows, weight, bias, target.reshape(-1, weight.shape[0]), reduction, chunk)
+    needs = _needs(x, weight, bias, target)
     with ops.no_autocast(x.device.type):
-        loss, *_ = LinearMSEFunction.apply(
-            rows, weight, bias, target.reshape(-1, weight.shape[0]), reduction, chunk,
-            _needs(x, weight, bias, target), backend,
-        )  # fmt: skip
+        if torch.compiler.is_compiling():
+            loss, *_ = linear_mse_forward(*args, *needs, _traced_backend(x.device))
+        else:
+            loss, *_ = LinearMSEFunction.apply(*args, needs, backends.resolve(x.device))
     return loss.view(target.shape) if reduction == "none" else loss

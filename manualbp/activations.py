@@ -61,8 +61,9 @@ class Activation:
         if self.name == "identity":
             return grad_out
         if self.name == "relu":
-            # threshold_backward: where a ≤ 0 the gradient is exactly 0, even if grad_out is Inf.
-            return grad_out.masked_fill(saved <= 0, 0)
+            # Native relu's own backward kernel: where a ≤ 0 the gradient is exactly 0, even if
+            # grad_out is Inf or NaN (one fused pass, unlike a compare and a select).
+            return torch.ops.aten.threshold_backward(grad_out, saved, 0)
         if self.name == "leaky_relu":
             return torch.where(saved > 0, grad_out, grad_out * self.negative_slope)
         return grad_out * self.derivative(saved)

@@ -44,9 +44,10 @@ def linear_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation
 ) -> tuple[Tensor, Tensor]:
     """Returns (a, saved): saved is `a` itself when f′ is read from the output, else z."""
-    z = _up(x) @ _up(weight).t()
-    if bias is not None:
-        z = z + _up(bias)
+    if bias is None:
+        z = _up(x) @ _up(weight).t()
+    else:
+        z = torch.addmm(_up(bias), _up(x), _up(weight).t())  # the bias add fused into the GEMM
     a = act(z)
     out = cast(a, x.dtype)
     saved = out if act.uses_output else cast(z, x.dtype)

@@ -302,8 +302,9 @@ def _register_triton_ops() -> bool:
     """Register the Triton ops once, on first use (importing triton is slow and optional).
 
     `triton_op` traces its body with fake tensors, so the launchers in `manualbp.triton_kernels`
-    must launch through `torch.library.wrap_triton(kernel)[grid](...)` (a no-op outside such a
-    trace) and must not read tensor data on the host.
+    launch through `torch.library.wrap_triton(kernel)[grid](...)` inside `recorded_launches`
+    (and only there: elsewhere that would cost a higher-order-op dispatch per launch) and read no
+    tensor data on the host.
     """
     global _triton_forward, _triton_backward
     if _triton_forward is not None:
@@ -311,13 +312,15 @@ def _register_triton_ops() -> bool:
     triton_backend = _triton_backend()
     if triton_backend is None:
         return False
+    from manualbp.triton_kernels._utils import recorded_launches
 
     @torch.library.triton_op(f"{_NS}::triton_linear_forward", mutates_args=())
     def triton_linear_forward(
         x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, negative_slope: float
     ) -> tuple[Tensor, Tensor]:
         act = _entry(activation, negative_slope)
-        return _linear_forward_with(triton_backend, x, weight, bias, act)
+        with recorded_launches():
+            return _linear_forward_with(triton_backend, x, weight, bias, act)
 
     @torch.library.triton_op(f"{_NS}::triton_linear_backward", mutates_args=())
     def triton_linear_backward(
@@ -333,7 +336,8 @@ def _register_triton_ops() -> bool:
     ) -> tuple[Tensor, Tensor, Tensor]:
         act = _entry(activation, negative_slope)
         flags = (need_input, need_weight, need_bias)
-        return _linear_backward_with(triton_backend, grad_out, x, weight, saved, act, flags)
+        with recorded_launches():
+            return _linear_backward_with(triton_backend, grad_out, x, weight, saved, act, flags)
 
     triton_linear_forward.register_autograd(
         _make_linear_backward(triton_linear_backward), setup_context=_linear_setup_context

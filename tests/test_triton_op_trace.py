@@ -15,7 +15,8 @@ and off) in a process without the interpreter, and the tests below check the gra
   analysis of the kernels' TTIR says which arguments they store to);
 * scalars stay Python floats/ints (a slope of 0 must reach the kernel as fp32, not as an int);
 * shapes and dtypes of the outputs are those of the fake implementation;
-* with autotuning on, Inductor gets the whole config list of the launch's flavour.
+* with autotuning on, Inductor gets the whole config list of the launch's flavour;
+* eager launches (outside the `triton_op`s) are not wrapped: they stay plain kernel launches.
 
 The numerics of the compiled kernels are the eager kernels' (same launches, same constexprs);
 running them on a GPU is `tests/test_compile.py::test_compile_fullgraph_triton_cuda`.
@@ -82,8 +83,9 @@ def records() -> list[dict]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "assuming every input is mutated" not in proc.stderr, proc.stderr[-4000:]
     out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(out) == 2 * len(CASES)
-    return out
+    assert out[0]["wrapping"] == {"outside_is_kernel": True, "inside_is_wrapper": True}
+    assert len(out) == 1 + 2 * len(CASES)
+    return out[1:]
 
 
 def _expected_kernels(record: dict) -> list[str]:

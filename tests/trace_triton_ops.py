@@ -139,8 +139,25 @@ def trace(case: dict) -> list[dict]:
     ]
 
 
+def launch_wrapping() -> dict:
+    """What `traceable` hands back outside and inside `recorded_launches` (eager launches must
+    stay plain: a wrapped one would go through higher-order-op dispatch)."""
+    from manualbp.triton_kernels import _utils
+    from manualbp.triton_kernels.delta import delta_kernel
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+    outside = _utils.traceable(delta_kernel)
+    with _utils.recorded_launches():
+        inside = _utils.traceable(delta_kernel)
+    return {
+        "outside_is_kernel": outside is delta_kernel,
+        "inside_is_wrapper": isinstance(inside, TraceableTritonKernelWrapper),
+    }
+
+
 def main() -> None:
     assert ops._traceable_launchers(), "the triton_op path is off in this process"
+    print(json.dumps({"wrapping": launch_wrapping()}), flush=True)
     for line in sys.stdin:
         for record in trace(json.loads(line)):
             print(json.dumps(record), flush=True)

@@ -6,8 +6,10 @@ argument fails in Python with a message naming it, never inside a kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -60,16 +62,39 @@ def launch_kwargs(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def traceable(kernel):
-    """`kernel` as `torch.library.wrap_triton` hands it back; every launch goes through this.
+_RECORDING = threading.local()
 
-    In eager code (and under the interpreter) that is the kernel itself. While a
-    `torch.library.triton_op` is traced (`torch.compile` decomposes ``manualbp::triton_linear_*``
-    into the kernels they launch) the launch is recorded as a graph node instead of run, so
-    Inductor can schedule it. The launchers therefore never read tensor data on the host: what
-    they decide (configs, splits, placeholders) depends on shapes, strides, dtypes and the device.
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[None]:
+    """Launches inside go through `torch.library.wrap_triton` (see `traceable`).
+
+    The bodies of the ``manualbp::triton_linear_*`` `triton_op`s run in it: traced by
+    `torch.compile`, their launches become graph nodes; run eagerly, `triton_op` itself turns the
+    wrapping off. Everywhere else (the autograd Functions, the opaque ops) launches are plain:
+    `wrap_triton` outside a `triton_op` would send every launch through higher-order-op dispatch,
+    which costs far more than a small kernel.
     """
-    return torch.library.wrap_triton(kernel)
+    previous = getattr(_RECORDING, "on", False)
+    _RECORDING.on = True
+    try:
+        yield
+    finally:
+        _RECORDING.on = previous
+
+
+def traceable(kernel):
+    """`kernel`, or inside `recorded_launches` what `torch.library.wrap_triton` hands back for it.
+
+    Every launch goes through this. While a `triton_op` is traced (`torch.compile` decomposes
+    ``manualbp::triton_linear_*`` into the kernels they launch) a wrapped launch is recorded as a
+    graph node instead of run, so Inductor can schedule it. The launchers therefore never read
+    tensor data on the host: what they decide (configs, splits, placeholders) depends on shapes,
+    strides, dtypes and the device only.
+    """
+    if getattr(_RECORDING, "on", False):
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def launch_first_fitting(kernel, grid, configs: list[triton.Config], *args, **kwargs) -> None:

@@ -101,8 +101,8 @@ def launch_first_fitting(kernel, grid, configs: list[triton.Config], *args, **kw
     """Launch `kernel` with the first of `configs` that the device can run (the path taken when
     autotuning is off). A configuration whose shared memory exceeds the device — fp32 with
     deep pipelines on sm_80 — raises OutOfResources at launch; the next one is tried. (A traced
-    launch raises nothing: the first configuration is recorded, and every first configuration
-    fits sm_80 and sm_90, as the AOT check proves.)"""
+    launch raises nothing, so a compiled graph records the first configuration; with autotuning
+    on, the default, Inductor gets the whole list and its autotuner skips what does not fit.)"""
     from triton.runtime.errors import OutOfResources
 
     for config in configs:

@@ -704,7 +704,7 @@ linear_mse_forward.register_autograd(
 
 def _traced_backend(device: torch.device) -> str:
     """The backend in force, read at trace time; the heads have no `triton_op` form."""
-    name = ops.backend_name(device.type, -1 if device.index is None else device.index)
+    name = ops.traced_backend_name(device)
     return "triton" if name == "triton_op" else name
 
 

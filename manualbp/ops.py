@@ -124,6 +124,11 @@ def backend_name(device_type: str, device_index: int) -> str:
     return "triton_op" if device.type == "cuda" and _traceable_launchers() else "triton"
 
 
+def traced_backend_name(device: torch.device) -> str:
+    """`backend_name` for the device of a tensor being traced."""
+    return backend_name(device.type, -1 if device.index is None else device.index)
+
+
 # What `torch.compiler.assume_constant_result(backend_name)` does, without its import of
 # torch._dynamo (seconds at `import manualbp`); tests/test_compile.py fails if Dynamo stops
 # honouring the marker (the context-variable read would then break the graph).
@@ -356,8 +361,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> T
 
     Arguments are already checked (and cast for autocast) by the caller.
     """
-    index = -1 if x.device.index is None else x.device.index
-    name = backend_name(x.device.type, index)
+    name = traced_backend_name(x.device)
     rows, slope = _rows(x), act.negative_slope
     if name == "triton_op":
         out, _ = _triton_forward(rows, weight, bias, act.name, slope)

@@ -71,8 +71,8 @@ def _describe(gm: torch.fx.GraphModule) -> dict:
             continue
         if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-            constants = kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])
-            kwargs = node.kwargs["kwargs"]
+            tensors = node.kwargs["kwargs"]
+            args = {**kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]), **tensors}
             written = list(node.kwargs["tensors_to_clone"])
             launches.append(
                 {
@@ -80,15 +80,15 @@ def _describe(gm: torch.fx.GraphModule) -> dict:
                     "configs": len(node.kwargs["grid"]),
                     "written": written,
                     "written_sources": [
-                        kwargs[name].name if isinstance(kwargs[name], torch.fx.Node) else None
+                        tensors[name].name if isinstance(tensors[name], torch.fx.Node) else None
                         for name in written
                     ],
                     "scalars": {
-                        k: type(v).__name__ for k, v in {**constants, **kwargs}.items()
+                        k: type(v).__name__ for k, v in args.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)
                     },
-                    "negative_slope": {**constants, **kwargs}.get("negative_slope"),
-                    "prev_negative_slope": {**constants, **kwargs}.get("prev_negative_slope"),
+                    "negative_slope": args.get("negative_slope"),
+                    "prev_negative_slope": args.get("prev_negative_slope"),
                 }
             )
         elif node.target is not getattr:

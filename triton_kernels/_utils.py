@@ -230,16 +230,6 @@ def check_matrix(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_act_id(name: str, act_id: object) -> int:
-    from .activations import NUM_ACTIVATIONS
-
-    if isinstance(act_id, bool) or not isinstance(act_id, int):
-        raise TypeError(f"{name}: expected an int activation id, got {type(act_id).__name__}")
-    if not 0 <= act_id < NUM_ACTIVATIONS:
-        raise ValueError(f"{name}: got {act_id}, expected an id in [0, {NUM_ACTIVATIONS})")
-    return act_id
-
-
 def check_slope(name: str, slope: object) -> float:
     if isinstance(slope, bool) or not isinstance(slope, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(slope).__name__}")

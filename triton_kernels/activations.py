@@ -38,6 +38,14 @@ NAMES = (
 ACTIVATION_IDS = {name: i for i, name in enumerate(NAMES)}
 
 
+def check_act_id(name: str, act_id: object) -> int:
+    if isinstance(act_id, bool) or not isinstance(act_id, int):
+        raise TypeError(f"{name}: expected an int activation id, got {type(act_id).__name__}")
+    if not 0 <= act_id < NUM_ACTIVATIONS:
+        raise ValueError(f"{name}: got {act_id}, expected an id in [0, {NUM_ACTIVATIONS})")
+    return act_id
+
+
 # f′ written in terms of the output a (the forward then saves only a).
 OUTPUT_DERIVED = frozenset({0, 1, 2, 3, 4})
 

@@ -26,14 +26,13 @@ from . import _utils
 from ._utils import (
     INTERPRET,
     Alloc,
-    check_act_id,
     check_matrix,
     check_slope,
     check_tensor,
     downcast,
     needs_upcast,
 )
-from .activations import delta_tile
+from .activations import check_act_id, delta_tile
 
 
 @triton.jit

@@ -19,7 +19,6 @@ import triton.language as tl
 from . import _utils
 from ._utils import (
     Alloc,
-    check_act_id,
     check_matrix,
     check_slope,
     check_tensor,
@@ -29,7 +28,7 @@ from ._utils import (
     needs_upcast,
     upcast,
 )
-from .activations import act_fn, uses_output
+from .activations import act_fn, check_act_id, uses_output
 
 
 @triton.jit

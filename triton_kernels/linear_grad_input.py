@@ -24,7 +24,6 @@ import triton.language as tl
 from . import _utils
 from ._utils import (
     Alloc,
-    check_act_id,
     check_matrix,
     check_slope,
     check_tensor,
@@ -34,7 +33,7 @@ from ._utils import (
     needs_upcast,
     upcast,
 )
-from .activations import IDENTITY, act_grad, delta_tile
+from .activations import IDENTITY, act_grad, check_act_id, delta_tile
 from .linear_forward import grouped_tile
 
 

@@ -27,7 +27,6 @@ from . import _utils
 from ._utils import (
     INTERPRET,
     Alloc,
-    check_act_id,
     check_matrix,
     check_slope,
     check_tensor,
@@ -37,7 +36,7 @@ from ._utils import (
     needs_upcast,
     upcast,
 )
-from .activations import IDENTITY, delta_tile
+from .activations import IDENTITY, check_act_id, delta_tile
 from .linear_forward import grouped_tile
 
 

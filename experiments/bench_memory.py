@@ -4,7 +4,7 @@ For MLPs of depth 2-8 and every activation it measures, per training step (forwa
 
 * saved bytes — what autograd keeps for backward, counted by distinct storage with
   `torch.autograd.graph.saved_tensors_hooks`, leaving out the parameters and the input (memory
-  the caller holds anyway): `manualbp.network.saved_tensor_bytes`;
+  the caller holds anyway): `manualbp.ops.network.saved_tensor_bytes`;
 * peak bytes — the highest memory in use during forward + backward above what was allocated
   before the step: on CPU from the profiler's allocation events, on CUDA from
   `torch.cuda.max_memory_allocated` (both recorded on CUDA);
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import manualbp as mbp
-from manualbp.fused_loss import linear_cross_entropy
-from manualbp.network import saved_tensor_bytes
+from manualbp.ops.heads import linear_cross_entropy
+from manualbp.ops.network import saved_tensor_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("native", "layers", "network", "recompute")

@@ -14,10 +14,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from manualbp import backends, ops
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
-from manualbp.network import mlp_network
 
 __all__ = ["Linear", "LinearAct", "MLP"]
 
@@ -128,7 +126,7 @@ class MLP(nn.Module):
     ``layers.{i}.bias``.
 
     mode="network" (default) runs the whole stack as one autograd node whose backward is the seed's
-    δ recursion (:mod:`manualbp.network`): one activation-sized tensor kept per layer at most.
+    δ recursion (:mod:`manualbp.ops.network`): one activation-sized tensor kept per layer at most.
     mode="layers" chains the layers' own autograd nodes (one per `LinearAct`), for comparison.
     recompute=True (network mode only) keeps just the block input and reruns the forward in
     backward, trading one forward pass for the activations' memory.
@@ -193,28 +191,14 @@ class MLP(nn.Module):
             for layer in self.layers:
                 input = layer(input)
             return input
-        MF._check_tensor("input", input)
         layers = cast(list[LinearAct], list(self.layers))
-        weights = [layer.weight for layer in layers]
-        biases = [layer.bias for layer in layers]
-        # Under torch.autocast every layer computes in the autocast dtype, as nn.Linear would.
-        device_type = input.device.type
-        input, *weights = ops.autocast_to(device_type, None, input, *weights)
-        biases = list(ops.autocast_to(device_type, None, *biases))
-        MF._check_linear_args(input, weights[0], biases[0])
-        for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-            MF._check_same(f"layers.{i}.weight", weight, "input", input)
-            if bias is not None:
-                MF._check_same(f"layers.{i}.bias", bias, "input", input)
-        with ops.no_autocast(device_type):
-            return mlp_network(
-                input,
-                weights,
-                biases,
-                [layer.act for layer in layers],
-                backend=backends.resolve(input.device),
-                recompute=self.recompute,
-            )
+        return MF.mlp(
+            input,
+            [layer.weight for layer in layers],
+            [layer.bias for layer in layers],
+            [layer.act for layer in layers],
+            recompute=self.recompute,
+        )
 
     def extra_repr(self) -> str:
         text = f"sizes={self.sizes}"

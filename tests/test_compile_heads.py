@@ -1,7 +1,7 @@
 """torch.compile, torch.export and opcheck of the fused heads' `manualbp::linear_*` ops.
 
 While a graph is captured, `linear_cross_entropy` / `linear_mse_loss` run as opaque custom ops
-(manualbp.fused_loss). Graphs are tiny: most tests use backend="aot_eager" (AOTAutograd without
+(manualbp.ops.heads). Graphs are tiny: most tests use backend="aot_eager" (AOTAutograd without
 Inductor's C++ compile on the CPU); one runs Inductor. Every result is compared with native
 autograd in float64 (float32 tolerance for the Triton backend under the interpreter).
 """
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import manualbp as mbp
-from manualbp import fused_loss
-from manualbp.fused_loss import linear_cross_entropy, linear_mse_loss
-from manualbp.network import saved_tensor_bytes
+from manualbp.ops import heads as fused_loss
+from manualbp.ops.heads import linear_cross_entropy, linear_mse_loss
+from manualbp.ops.network import saved_tensor_bytes
 
 from .helpers import TOL, rel_err
 

@@ -1,4 +1,4 @@
-"""Fused heads (manualbp.fused_loss) and the cross-entropy kernel against native autograd."""
+"""Fused heads (manualbp.ops.heads) and the cross-entropy kernel against native autograd."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from manualbp.triton_kernels.cross_entropy import cross_entropy_rows
 
 import manualbp as mbp
-from manualbp import fused_loss
-from manualbp.fused_loss import default_chunk_size, linear_cross_entropy, linear_mse_loss
-from manualbp.network import saved_tensor_bytes
+from manualbp.ops import heads as fused_loss
+from manualbp.ops.heads import default_chunk_size, linear_cross_entropy, linear_mse_loss
+from manualbp.ops.network import saved_tensor_bytes
 
 from .helpers import TOL, rel_err
 

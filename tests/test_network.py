@@ -1,13 +1,13 @@
-"""MLP as one autograd Function (manualbp.network) against native autograd and the per-layer mode."""
+"""MLP as one autograd Function (manualbp.ops.network) against native autograd and the per-layer mode."""
 
 import pytest
 import torch
 from torch import nn
 
 import manualbp as mbp
-from manualbp import network
 from manualbp.activations import get_activation
-from manualbp.network import saved_tensor_bytes
+from manualbp.ops import network
+from manualbp.ops.network import saved_tensor_bytes
 
 from .helpers import TOL, rel_err
 

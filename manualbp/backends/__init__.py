@@ -23,7 +23,15 @@ import torch
 
 from manualbp.backends import reference
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve", "triton_status"]
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "resolve",
+    "set_backend",
+    "triton_module",
+    "triton_status",
+    "use_backend",
+]
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
@@ -68,7 +76,8 @@ def use_backend(name: str) -> Iterator[None]:
         _local.reset(token)
 
 
-def _triton_module() -> ModuleType | None:
+def triton_module() -> ModuleType | None:
+    """`manualbp.backends.triton`, or None where it cannot be imported (no triton)."""
     try:
         from manualbp.backends import triton as triton_backend
     except ImportError:
@@ -78,7 +87,7 @@ def _triton_module() -> ModuleType | None:
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton backend can run on `device`, and why not if it cannot."""
-    module = _triton_module()
+    module = triton_module()
     if module is None:
         return False, "the Triton backend is not available: the 'triton' package is not installed"
     return module.is_available(device)
@@ -93,8 +102,8 @@ def resolve(device: torch.device, name: str | None = None) -> ModuleType:
         if device.type != "cuda":
             return reference
         ok, _ = triton_status(device)
-        return _triton_module() if ok else reference  # type: ignore[return-value]
+        return triton_module() if ok else reference  # type: ignore[return-value]
     ok, reason = triton_status(device)
     if not ok:
         raise RuntimeError(f"backend 'triton' cannot run on device {device}: {reason}")
-    return _triton_module()  # type: ignore[return-value]
+    return triton_module()  # type: ignore[return-value]

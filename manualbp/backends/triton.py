@@ -150,3 +150,50 @@ def linear_backward(
             source, x, saved_arg, act_id, slope, need_weight=need_weight, need_bias=need_bias
         )
     return grad_input, grad_weight, grad_bias
+
+
+def network_step(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor | None,
+    act: Activation,
+    prev_saved: Tensor | None,
+    prev_act: Activation | None,
+    *,
+    need_prev: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One step of the whole-network backward (`manualbp.ops.network`) on the kernels:
+    δˡ⁻¹ = f′ˡ⁻¹ ⊙ (δˡ Wˡ) in the input-gradient GEMM's epilogue.
+
+    Only the top layer receives ∂C/∂aᴸ (act ≠ identity); every lower layer receives δ itself
+    from the epilogue of the layer above, so its GEMMs read it as a plain operand. At the top,
+    δᴸ is formed once by the δ pass when both GEMMs need it, else in the one GEMM's prologue
+    (the choice argued in manualbp/backends/triton.py).
+    """
+    _, linear_grad_input, linear_grad_weight, delta_pass = _kernels()
+    act_id, slope = act.kernel_id, act.negative_slope
+    need_weight_pass = need_weight or need_bias
+    if act_id != 0 and need_prev and need_weight_pass:
+        grad = delta_pass.linear_delta(grad, saved, act_id, slope)
+        act_id, saved = 0, None
+    grad_prev = grad_weight = grad_bias = None
+    if need_prev:
+        prev_id = 0 if prev_act is None else prev_act.kernel_id
+        grad_prev = linear_grad_input.linear_grad_input(
+            grad,
+            weight,
+            saved,
+            act_id,
+            slope,
+            prev_act_id=prev_id,
+            prev_saved=prev_saved if prev_id != 0 else None,
+            prev_negative_slope=0.01 if prev_act is None else prev_act.negative_slope,
+        )
+    if need_weight_pass:
+        grad_weight, grad_bias = linear_grad_weight.linear_grad_weight(
+            grad, x, saved, act_id, slope, need_weight=need_weight, need_bias=need_bias
+        )
+    return grad_prev, grad_weight, grad_bias

@@ -71,11 +71,11 @@ def copy_linear_params(module: nn.Module, weights: Sequence[Tensor], biases: Seq
 
 def fused_linear_cross_entropy() -> Callable[..., Tensor] | None:
     """manualbp's fused head + loss, looked up by name at run time (None while it does not exist):
-    the public `manualbp.functional.linear_cross_entropy`, else `manualbp.fused_loss`'s."""
+    the public `manualbp.functional.linear_cross_entropy`, else `manualbp.ops.heads`'s."""
     fused = getattr(MF, "linear_cross_entropy", None)
     if fused is None:
         try:
-            from manualbp.fused_loss import linear_cross_entropy as fused
+            from manualbp.ops.heads import linear_cross_entropy as fused
         except ImportError:
             return None
     return fused

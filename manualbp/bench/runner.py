@@ -20,8 +20,9 @@ import torch
 from manualbp.activations import get_activation
 from manualbp.bench.cases import Case, dtype_name
 from manualbp.bench.contenders import Contender, make_contenders
+from manualbp.bench.memory import memory_case
 from manualbp.bench.report import COLUMNS, add_speedups, write_csv, write_markdown, write_plot
-from manualbp.bench.suites import LAYER_OPS, Env, memory_case, run_case
+from manualbp.bench.suites import LAYER_OPS, Env, run_case
 from manualbp.bench.timing import Ceilings, measure_ceilings
 
 __all__ = ["COLUMNS", "SUITES", "BenchConfig", "BenchResult", "run_benchmark"]

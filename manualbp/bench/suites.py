@@ -8,13 +8,12 @@ an ``error`` row carrying the error, and is not timed.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +21,14 @@ from torch import Tensor
 
 from manualbp.bench.cases import TOLERANCES, Case, dtype_name
 from manualbp.bench.contenders import Contender, NativeContender
-from manualbp.bench.timing import Ceilings, measure, rotations, synchronize
+from manualbp.bench.timing import Ceilings, measure, rotations
 
-__all__ = ["Env", "LAYER_OPS", "max_rel_error", "memory_case", "run_case"]
+__all__ = ["Env", "LAYER_OPS", "max_rel_error", "run_case"]
 
 LAYER_OPS = ("forward", "backward", "fwd+bwd")
 UNAVAILABLE_FUSED = (
     "not available: neither manualbp.functional.linear_cross_entropy nor "
-    "manualbp.fused_loss.linear_cross_entropy exists (yet)"
+    "manualbp.ops.heads.linear_cross_entropy exists (yet)"
 )
 Row = dict[str, Any]
 
@@ -49,7 +48,7 @@ class Env:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
     return text[:240]
 
@@ -75,19 +74,19 @@ def max_rel_error(
     return worst, worst_name
 
 
-def _generator(env: Env, case: Case) -> torch.Generator:
+def case_generator(env: Env, case: Case) -> torch.Generator:
     # One stream per case, so a case's inputs do not depend on which cases ran before it.
     key = f"{env.seed}:{case.suite}:{case.M}:{case.N}:{case.K}:{case.depth}"
     seed = zlib.crc32(key.encode())  # not hash(): str hashes change from process to process
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def _randn(gen: torch.Generator, shape: tuple[int, ...], case: Case, env: Env, scale: float = 1.0) -> Tensor:
+def randn(gen: torch.Generator, shape: tuple[int, ...], case: Case, env: Env, scale: float = 1.0) -> Tensor:
     # Drawn on the CPU in float32 (reproducible across devices), then moved and cast.
     return (torch.randn(shape, generator=gen) * scale).to(device=env.device, dtype=case.dtype)
 
 
-def _linear_params(
+def linear_params(
     gen: torch.Generator, n_in: int, n_out: int, case: Case, env: Env
 ) -> tuple[Tensor, Tensor]:
     bound = 1 / math.sqrt(n_in)  # nn.Linear's initialisation range
@@ -111,7 +110,7 @@ def _up(t: Tensor, dtype: torch.dtype, grad: bool = False) -> Tensor:
     return t.requires_grad_() if grad else t
 
 
-def _base_row(case: Case, op: str, variant: str, contender: str) -> Row:
+def base_row(case: Case, op: str, variant: str, contender: str) -> Row:
     return {
         "suite": case.suite,
         "case": case.label,
@@ -130,17 +129,17 @@ def _base_row(case: Case, op: str, variant: str, contender: str) -> Row:
 def _status_rows(
     case: Case, ops: Sequence[str], variant: str, name: str, status: str, note: str
 ) -> list[Row]:
-    return [{**_base_row(case, op, variant, name), "status": status, "note": note} for op in ops]
+    return [{**base_row(case, op, variant, name), "status": status, "note": note} for op in ops]
 
 
 def _timed_row(
     case: Case, op: str, variant: str, name: str, fn: Callable[[], object], env: Env, err: float, ref: str
 ) -> Row:
-    row = _base_row(case, op, variant, name)
+    row = base_row(case, op, variant, name)
     try:
         timing = measure(fn, env.device, env.warmup_ms, env.rep_ms)
     except Exception as e:  # a contender that cannot run this op is an error row, not a crash
-        return {**row, "status": "error", "note": _short(e)}
+        return {**row, "status": "error", "note": short_error(e)}
     seconds = timing.median_ms / 1e3
     flops, min_bytes = case.flops(op), case.min_bytes(op)
     row.update(
@@ -210,12 +209,12 @@ def _cycle(n: int) -> Callable[[], int]:
 
 
 def _layer_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Callable[[], None]) -> list[Row]:
-    gen = _generator(env, case)
+    gen = case_generator(env, case)
     M, N, K = case.M, case.N, case.K
-    weight, bias = _linear_params(gen, K, N, case, env)
+    weight, bias = linear_params(gen, K, N, case, env)
     n_sets = rotations(case.itemsize * (M * K + 2 * M * N), env.device)
-    xs = [_randn(gen, (M, K), case, env).requires_grad_() for _ in range(n_sets)]
-    grad_outs = [_randn(gen, (M, N), case, env) for _ in range(n_sets)]
+    xs = [randn(gen, (M, K), case, env).requires_grad_() for _ in range(n_sets)]
+    grad_outs = [randn(gen, (M, N), case, env) for _ in range(n_sets)]
 
     def native_outputs(dtype: torch.dtype) -> list[Tensor]:
         native = NativeContender().build_layer(_up(weight, dtype), _up(bias, dtype), case.activation)
@@ -255,7 +254,7 @@ def _layer_contender(
             params = list(module.parameters())
             got = _layer_outputs(module, xs[0], grad_outs[0])
         except Exception as e:
-            return _status_rows(case, LAYER_OPS, "", name, "error", _short(e))
+            return _status_rows(case, LAYER_OPS, "", name, "error", short_error(e))
         err, wrong = reference.gate(got, case)
         if wrong is not None:
             return _status_rows(case, LAYER_OPS, "", name, "error", wrong)
@@ -271,7 +270,7 @@ def _layer_contender(
         try:
             outs = [module(x) for x in xs]  # one retained graph per input set
         except Exception as e:
-            return rows + _status_rows(case, LAYER_OPS[1:], "", name, "error", _short(e))
+            return rows + _status_rows(case, LAYER_OPS[1:], "", name, "error", short_error(e))
 
         def backward() -> object:
             i = index()
@@ -292,12 +291,12 @@ def _layer_contender(
 
 
 def _mlp_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Callable[[], None]) -> list[Row]:
-    gen = _generator(env, case)
+    gen = case_generator(env, case)
     sizes = case.sizes()
-    weights, biases = zip(*(_linear_params(gen, a, b, case, env) for a, b in zip(sizes[:-1], sizes[1:])))
+    weights, biases = zip(*(linear_params(gen, a, b, case, env) for a, b in zip(sizes[:-1], sizes[1:])))
     n_sets = rotations(case.itemsize * case.M * (case.K + case.N), env.device)
-    xs = [_randn(gen, (case.M, case.K), case, env) for _ in range(n_sets)]
-    targets = [_randn(gen, (case.M, case.N), case, env) for _ in range(n_sets)]
+    xs = [randn(gen, (case.M, case.K), case, env) for _ in range(n_sets)]
+    targets = [randn(gen, (case.M, case.N), case, env) for _ in range(n_sets)]
 
     def native_outputs(dtype: torch.dtype) -> list[Tensor]:
         native = NativeContender()
@@ -341,7 +340,7 @@ def _mlp_contender(
             model, params = contender.build_mlp(weights, biases, case.activation)
             got = _mlp_outputs(contender, model, params, xs[0], targets[0])
         except Exception as e:
-            return _status_rows(case, ops, "", name, "error", _short(e))
+            return _status_rows(case, ops, "", name, "error", short_error(e))
         err, wrong = reference.gate(got, case)
         if wrong is not None:
             return _status_rows(case, ops, "", name, "error", wrong)
@@ -364,11 +363,11 @@ def _mlp_contender(
 # --------------------------------------------------------------------------------------- loss
 
 
-def _loss_inputs(case: Case, env: Env) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-    gen = _generator(env, case)
-    weight, bias = _linear_params(gen, case.K, case.N, case, env)
+def loss_inputs(case: Case, env: Env) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    gen = case_generator(env, case)
+    weight, bias = linear_params(gen, case.K, case.N, case, env)
     n_sets = rotations(case.itemsize * case.M * case.K + 8 * case.M, env.device)
-    xs = [_randn(gen, (case.M, case.K), case, env) for _ in range(n_sets)]
+    xs = [randn(gen, (case.M, case.K), case, env) for _ in range(n_sets)]
     targets = [torch.randint(0, case.N, (case.M,), generator=gen).to(env.device) for _ in range(n_sets)]
     return weight, bias, xs, targets
 
@@ -378,7 +377,7 @@ def _native_loss(x: Tensor, w: Tensor, b: Tensor, t: Tensor) -> Tensor:
 
 
 def _loss_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Callable[[], None]) -> list[Row]:
-    weight, bias, xs, targets = _loss_inputs(case, env)
+    weight, bias, xs, targets = loss_inputs(case, env)
 
     def native_outputs(dtype: torch.dtype) -> list[Tensor]:
         return _loss_outputs(
@@ -399,7 +398,7 @@ def _loss_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Call
             try:
                 variants = contender.loss_variants()
             except Exception as e:
-                rows += _status_rows(case, ("fwd+bwd",), "", contender.name, "error", _short(e))
+                rows += _status_rows(case, ("fwd+bwd",), "", contender.name, "error", short_error(e))
                 tick()
                 continue
             for variant, fn in variants.items():
@@ -426,16 +425,16 @@ def _loss_contender(
 ) -> Row:
     if fn is None:
         note = UNAVAILABLE_FUSED
-        return {**_base_row(case, "fwd+bwd", variant, name), "status": "unavailable", "note": note}
+        return {**base_row(case, "fwd+bwd", variant, name), "status": "unavailable", "note": note}
     w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     xs = [x.clone().requires_grad_() for x in xs]
     try:
         got = _loss_outputs(fn, xs[0], w, b, targets[0])
     except Exception as e:
-        return {**_base_row(case, "fwd+bwd", variant, name), "status": "error", "note": _short(e)}
+        return {**base_row(case, "fwd+bwd", variant, name), "status": "error", "note": short_error(e)}
     err, wrong = reference.gate(got, case)
     if wrong is not None:
-        return {**_base_row(case, "fwd+bwd", variant, name), "status": "error", "note": wrong}
+        return {**base_row(case, "fwd+bwd", variant, name), "status": "error", "note": wrong}
     index = _cycle(len(xs))
 
     def forward_backward() -> object:
@@ -450,145 +449,6 @@ def _loss_outputs(fn: Callable[..., Tensor], x: Tensor, w: Tensor, b: Tensor, ta
     leaves = [t.detach().requires_grad_() for t in (x, w, b)]
     loss = fn(*leaves, target)
     return [loss, *torch.autograd.grad(loss, leaves)]
-
-
-# ------------------------------------------------------------------------------------- memory
-
-
-def _saved_and_peak(
-    forward: Callable[[], Tensor],
-    backward: Callable[[Tensor], object],
-    owned: Sequence[Tensor],
-    device: torch.device,
-) -> tuple[int, int, float]:
-    """Bytes the autograd graph saves (unique storages), those beyond the inputs and parameters,
-    and on CUDA the peak memory of forward+backward above what was allocated before."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    owned_ptrs = {t.untyped_storage().data_ptr() for t in owned}
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    backward(out)
-    synchronize(device)
-    peak = float(torch.cuda.max_memory_allocated(device) - before) if device.type == "cuda" else math.nan
-    saved = sum(storages.values())
-    extra = sum(n for ptr, n in storages.items() if ptr not in owned_ptrs)
-    return saved, extra, peak
-
-
-def _memory_row(case: Case, kind: str, variant: str, name: str, measured: tuple[int, int, float]) -> Row:
-    saved, extra, peak = measured
-    row = _base_row(case, "fwd+bwd", variant, name)
-    row.update(suite="memory", op=kind, status="ok", note="", saved_bytes=saved, saved_activation_bytes=extra)
-    if not math.isnan(peak):
-        row["peak_bytes"] = peak
-    return row
-
-
-def memory_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Callable[[], None]) -> list[Row]:
-    """Saved-tensor bytes and peak memory of one forward+backward, per contender.
-
-    `case.suite` says what is measured: a layer, an MLP (loss included) or the linear + loss head.
-    """
-    gen = _generator(env, case)
-    rows: list[Row] = []
-    for contender in contenders:
-        name = contender.name
-        reason = contender.unavailable_reason(env.device)
-        if reason is not None:
-            rows += [
-                {
-                    **_base_row(case, case.suite, "", name),
-                    "suite": "memory",
-                    "status": "skipped",
-                    "note": reason,
-                }
-            ]
-            tick()
-            continue
-        with contender.context():
-            try:
-                rows += _memory_contender(case, contender, env, gen)
-            except Exception as e:
-                rows += [
-                    {
-                        **_base_row(case, case.suite, "", name),
-                        "suite": "memory",
-                        "status": "error",
-                        "note": _short(e),
-                    }
-                ]
-        tick()
-    return rows
-
-
-def _memory_contender(case: Case, contender: Contender, env: Env, gen: torch.Generator) -> list[Row]:
-    name, device = contender.name, env.device
-    if case.suite == "layer":
-        weight, bias = _linear_params(gen, case.K, case.N, case, env)
-        module = contender.build_layer(weight, bias, case.activation)
-        x = _randn(gen, (case.M, case.K), case, env).requires_grad_()
-        grad_out = _randn(gen, (case.M, case.N), case, env)
-        params = list(module.parameters())
-        measured = _saved_and_peak(
-            lambda: module(x),
-            lambda out: torch.autograd.grad(out, [x, *params], grad_out),
-            [x, *params],
-            device,
-        )
-        return [_memory_row(case, "layer", "", name, measured)]
-    if case.suite == "mlp":
-        sizes = case.sizes()
-        weights, biases = zip(*(_linear_params(gen, a, b, case, env) for a, b in zip(sizes[:-1], sizes[1:])))
-        model, params = contender.build_mlp(weights, biases, case.activation)
-        x = _randn(gen, (case.M, case.K), case, env)
-        target = _randn(gen, (case.M, case.N), case, env)
-        measured = _saved_and_peak(
-            lambda: contender.mse(model(x), target),
-            lambda loss: torch.autograd.grad(loss, params),
-            [x, target, *params],
-            device,
-        )
-        return [_memory_row(case, "mlp", "", name, measured)]
-    weight, bias, xs, targets = _loss_inputs(case, env)
-    rows = []
-    for variant, fn in contender.loss_variants().items():
-        if fn is None:
-            note = UNAVAILABLE_FUSED
-            row = {
-                **_base_row(case, "loss", variant, name),
-                "suite": "memory",
-                "status": "unavailable",
-                "note": note,
-            }
-            rows.append(row)
-            continue
-        leaves = [
-            xs[0].clone().requires_grad_(),
-            weight.clone().requires_grad_(),
-            bias.clone().requires_grad_(),
-        ]
-        measured = _saved_and_peak(
-            functools.partial(cast(Callable[..., Tensor], fn), *leaves, targets[0]),
-            functools.partial(_grad_of, inputs=leaves),
-            [*leaves, targets[0]],
-            device,
-        )
-        rows.append(_memory_row(case, "loss", variant, name, measured))
-    return rows
-
-
-def _grad_of(loss: Tensor, inputs: list[Tensor]) -> object:
-    return torch.autograd.grad(loss, inputs)
 
 
 SUITE_FUNCTIONS = {"layer": _layer_case, "mlp": _mlp_case, "loss": _loss_case}

@@ -31,8 +31,7 @@ rounded f of the float32 z: the two can differ in the last bit. In float32/float
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -41,20 +40,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from manualbp import backends
 from manualbp._autograd import PositionalFunction
-from manualbp.activations import Activation
+from manualbp.activations import Activation, get_activation
 from manualbp.backends import reference
 from manualbp.backends.reference import cast, compute_dtype
+from manualbp.ops._common import autocast_to, check_linear_args, check_same, check_tensor, no_autocast
 
 __all__ = [
     "MLPFunction",
     "NetworkPlan",
     "SavedBytes",
+    "mlp",
     "mlp_network",
     "reference_step",
     "saved_tensor_bytes",
     "step_for",
-    "triton_step",
 ]
 
 
@@ -129,15 +130,10 @@ def reference_step(
 
 
 def step_for(backend: ModuleType) -> Step:
-    """The backward step of `backend`: its own `network_step` if it has one, else the reference's.
-
-    A backend module may define `network_step` with the signature of :func:`reference_step`
-    (the Triton backend forms δˡ⁻¹ in the input-gradient GEMM's epilogue).
+    """The backward step of `backend`: :func:`reference_step`, or the backend's own `network_step`
+    (same signature; the Triton backend forms δˡ⁻¹ in the input-gradient GEMM's epilogue).
     """
-    if backend is reference:
-        return reference_step
-    step = getattr(backend, "network_step", None)
-    return step if step is not None else triton_step
+    return reference_step if backend is reference else backend.network_step
 
 
 # ------------------------------------------------------------------------------ forward pieces
@@ -222,7 +218,7 @@ class MLPFunction(PositionalFunction):
         n_params = len(rest) - plan.depth
         params, kept = rest[:n_params], list(rest[n_params:])
         layers = plan.split(params)
-        with _no_autocast(x.device.type):  # backward may run inside an autocast block
+        with no_autocast(x.device.type):  # backward may run inside an autocast block
             return _backward_loop(ctx.needs_input_grad, plan, x, kept, layers, grad_out)
 
 
@@ -284,23 +280,7 @@ def _offsets(plan: NetworkPlan) -> list[tuple[int, bool]]:
     return out
 
 
-@contextlib.contextmanager
-def _no_autocast(device_type: str) -> Iterator[None]:
-    """Autocast off: the steps choose their own accumulation dtype (as manualbp.ops does)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            yield
-    else:
-        yield
-
-
-def _identity() -> Activation:
-    from manualbp.activations import get_activation
-
-    return get_activation("identity")
-
-
-_IDENTITY = _identity()
+_IDENTITY = get_activation("identity")
 
 
 def mlp_network(
@@ -335,6 +315,34 @@ def mlp_network(
     rows = x.reshape(-1, x.shape[-1])
     out, *_ = MLPFunction.apply(rows, plan, *params)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def mlp(
+    input: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    acts: Sequence[Activation],
+    *,
+    recompute: bool = False,
+) -> Tensor:
+    """aᴸ of the stack, as one autograd node on the backend in force for `input`'s device.
+
+    `weights[l]` is (out, in) and `biases[l]` (out,) or None, as for :func:`manualbp.functional.linear`.
+    Under `torch.autocast` every layer computes in the autocast dtype, as `nn.Linear` would there.
+    """
+    check_tensor("input", input)
+    device_type = input.device.type
+    input, *weights = autocast_to(device_type, None, input, *weights)
+    biases = list(autocast_to(device_type, None, *biases))
+    check_linear_args(input, weights[0], biases[0])
+    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        check_same(f"layers.{i}.weight", weight, "input", input)
+        if bias is not None:
+            check_same(f"layers.{i}.bias", bias, "input", input)
+    with no_autocast(device_type):
+        return mlp_network(
+            input, weights, biases, acts, backend=backends.resolve(input.device), recompute=recompute
+        )
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -380,54 +388,3 @@ def saved_tensor_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -
         output = run()
     del output
     return result
-
-
-# ------------------------------------------------------------------------------ Triton step
-
-
-def triton_step(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    saved: Tensor | None,
-    act: Activation,
-    prev_saved: Tensor | None,
-    prev_act: Activation | None,
-    *,
-    need_prev: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The step on the Triton kernels: δˡ⁻¹ = f′ˡ⁻¹ ⊙ (δˡ Wˡ) in the input-gradient GEMM's epilogue.
-
-    Only the top layer receives ∂C/∂aᴸ (act ≠ identity); every lower layer receives δ itself
-    from the epilogue of the layer above, so its GEMMs read it as a plain operand. At the top,
-    δᴸ is formed once by the δ pass when both GEMMs need it, else in the one GEMM's prologue
-    (the choice argued in manualbp/backends/triton.py).
-    """
-    from manualbp.triton_kernels import delta as delta_pass
-    from manualbp.triton_kernels import linear_grad_input, linear_grad_weight
-
-    act_id, slope = act.kernel_id, act.negative_slope
-    need_weight_pass = need_weight or need_bias
-    if act_id != 0 and need_prev and need_weight_pass:
-        grad = delta_pass.linear_delta(grad, saved, act_id, slope)
-        act_id, saved = 0, None
-    grad_prev = grad_weight = grad_bias = None
-    if need_prev:
-        prev_id = 0 if prev_act is None else prev_act.kernel_id
-        grad_prev = linear_grad_input.linear_grad_input(
-            grad,
-            weight,
-            saved,
-            act_id,
-            slope,
-            prev_act_id=prev_id,
-            prev_saved=prev_saved if prev_id != 0 else None,
-            prev_negative_slope=0.01 if prev_act is None else prev_act.negative_slope,
-        )
-    if need_weight_pass:
-        grad_weight, grad_bias = linear_grad_weight.linear_grad_weight(
-            grad, x, saved, act_id, slope, need_weight=need_weight, need_bias=need_bias
-        )
-    return grad_prev, grad_weight, grad_bias

@@ -1,0 +1,287 @@
+"""The fused heads' shared machinery: the chunk loop over rows, its GEMMs per backend, and what
+the heads' Functions and custom ops keep and return (:mod:`manualbp.ops.heads` states the math).
+
+Both heads — linear + cross-entropy (:mod:`manualbp.ops.heads`) and linear + squared error
+(:mod:`manualbp.ops.linear_mse`) — run `run_chunks` with their own per-chunk `Head`, which turns
+a chunk's output y = x_c Wᵀ + b into ∂C/∂y; the loop then forms that chunk's three gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from manualbp.backends import reference
+from manualbp.backends.reference import compute_dtype
+from manualbp.ops._common import check_linear_args, check_reduction, no_autocast
+from manualbp.ops.linear_act import traced_backend_name
+
+__all__ = [
+    "Head",
+    "HeadCtx",
+    "check_chunk",
+    "check_head",
+    "default_chunk_size",
+    "fake_grads",
+    "filled",
+    "gemms_for",
+    "head_backward",
+    "op_grads",
+    "or_placeholder",
+    "requested",
+    "run_chunks",
+    "save_head",
+    "save_op_head",
+    "scaled_all",
+    "traced_backend",
+    "only_wanted",
+]
+
+
+# ------------------------------------------------------------------------------ GEMMs per backend
+
+
+class ReferenceGemms:
+    """The head's three GEMMs in torch ops, in the compute dtype (float32 for 16-bit storage)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        cdt = compute_dtype(x.dtype)
+        z = x.to(cdt) @ weight.to(cdt).t()
+        return z if bias is None else z + bias.to(cdt)
+
+    @staticmethod
+    def grad_input(grad: Tensor, weight: Tensor, out: Tensor) -> None:
+        out.copy_(grad @ weight.to(grad.dtype))
+
+    @staticmethod
+    def grad_weight(
+        grad: Tensor, x: Tensor, need_weight: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        grad_weight = grad.t() @ x.to(grad.dtype) if need_weight else None
+        grad_bias = grad.sum(0) if need_bias else None
+        return grad_weight, grad_bias
+
+
+class TritonGemms:
+    """The same GEMMs on the layer kernels (identity activation), outputs in the input dtype."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        from manualbp.triton_kernels.linear_forward import linear_forward
+
+        return linear_forward(x, weight, bias, 0)[0]
+
+    @staticmethod
+    def grad_input(grad: Tensor, weight: Tensor, out: Tensor) -> None:
+        from manualbp.triton_kernels.linear_grad_input import linear_grad_input
+
+        # The kernel writes straight into the rows of the full gradient: no chunk-sized copy.
+        linear_grad_input(grad, weight, alloc=lambda shape, dtype, device: out)
+
+    @staticmethod
+    def grad_weight(
+        grad: Tensor, x: Tensor, need_weight: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        from manualbp.triton_kernels.linear_grad_weight import linear_grad_weight
+
+        return linear_grad_weight(grad, x, need_weight=need_weight, need_bias=need_bias)
+
+
+def gemms_for(backend: ModuleType) -> Any:
+    return ReferenceGemms if backend is reference else TritonGemms
+
+
+# Per chunk: y (rows, N) and the row slice → ∂C/∂y for those rows (or None: no gradient wanted).
+Head = Callable[[Tensor, slice], Tensor | None]
+
+
+def run_chunks(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    chunk_size: int,
+    gemms: Any,
+    head: Head,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop shared by both heads: y = x_c Wᵀ + b, G = head(y), then G's three GEMMs.
+
+    Returns (grad_x, grad_weight, grad_bias) for the gradients in `needs`; the weight and bias
+    gradients are summed over chunks in the compute dtype and rounded once.
+    """
+    need_x, need_weight, need_bias = needs
+    M, K = x.shape
+    N = weight.shape[0]
+    acc_dtype = compute_dtype(x.dtype)
+    grad_x = x.new_empty((M, K)) if need_x else None
+    acc_w = weight.new_zeros((N, K), dtype=acc_dtype) if need_weight else None
+    acc_b = weight.new_zeros((N,), dtype=acc_dtype) if need_bias else None
+    for start in range(0, M, chunk_size):
+        rows = slice(start, min(start + chunk_size, M))
+        x_c = x[rows]
+        grad = head(gemms.forward(x_c, weight, bias), rows)
+        if grad is None:
+            continue
+        if grad_x is not None:
+            gemms.grad_input(grad, weight, grad_x[rows])
+        if need_weight or need_bias:
+            g_w, g_b = gemms.grad_weight(grad, x_c, need_weight, need_bias)
+            if acc_w is not None:
+                acc_w += g_w
+            if acc_b is not None:
+                acc_b += g_b
+        del grad  # the chunk's (rows × N) buffer is free before the next one is allocated
+    grad_weight = acc_w.to(weight.dtype) if acc_w is not None else None
+    grad_bias = acc_b.to(weight.dtype) if acc_b is not None else None
+    return grad_x, grad_weight, grad_bias
+
+
+def scaled_all(grads: tuple[Tensor, ...], needs: tuple[bool, ...], g: Tensor) -> list:
+    """The precomputed gradients that were wanted, times the incoming scalar ∂C/∂loss."""
+    out: list[Tensor | None] = []
+    for grad, need in zip(grads, needs, strict=True):
+        cdt = compute_dtype(grad.dtype)
+        out.append((grad.to(cdt) * g.to(cdt)).to(grad.dtype) if need else None)
+    return out
+
+
+def or_placeholder(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+
+def save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+               reduction: str, grads: list[Tensor]) -> None:
+    """What both heads keep: the chunked gradients for mean/sum (backward only scales them), or
+    the inputs by reference for "none" (backward reruns the chunks with per-row weights)."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, bias, target)  # inputs: held by reference
+    else:
+        ctx.save_for_backward(*grads)
+
+
+def head_backward(backward: Callable[[Any, Tensor], tuple], ctx: Any, grad_loss: Tensor | None) -> tuple:
+    if grad_loss is None:
+        return (None,) * len(ctx.needs_input_grad)
+    with no_autocast(grad_loss.device.type):  # backward may run inside autocast
+        return backward(ctx, grad_loss)
+
+
+
+# ------------------------------------------------------------------------------ for the custom ops
+
+
+@dataclass
+class HeadCtx:
+    """The ctx fields the Functions' `_backward` reads ("none" path): the backward ops call it."""
+
+    saved_tensors: tuple[Tensor | None, ...]
+    needs: tuple[bool, ...]
+    backend: ModuleType
+    chunk_size: int
+    ignore_index: int = -100
+    reduction: str = "none"
+
+
+def filled(grads: Any, like: Tensor) -> tuple[Tensor, ...]:
+    return tuple(or_placeholder(g, like) for g in grads)
+
+
+def fake_grads(
+    x: Tensor, weight: Tensor, target: Tensor | None, needs: tuple[bool, ...]
+) -> tuple[Tensor, ...]:
+    """Fakes of (grad_x, grad_weight, grad_bias[, grad_target]) as `run_chunks` allocates them."""
+    wanted = [
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape[:1]),
+    ]
+    if target is not None:
+        wanted.append(torch.empty_like(target))
+    return tuple(g if need else x.new_empty(0) for g, need in zip(wanted, needs, strict=True))
+
+
+def only_wanted(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
+    return [g if need else None for g, need in zip(grads, needs, strict=True)]
+
+
+def save_op_head(ctx: Any, inputs: tuple, reduction: str, grads: tuple, needs: tuple) -> None:
+    """What the ops keep: the gradients forward precomputed, plus the inputs (by reference).
+
+    The inputs only when backward must run the chunk loop for a gradient autograd wants that
+    forward did not precompute: reduction "none", or an exported program run with other
+    `requires_grad` than it was traced with (the need flags are baked into its graph).
+    """
+    precomputed = needs if reduction != "none" else (False,) * len(needs)
+    wanted = ctx.needs_input_grad[: len(needs)]
+    late = any(w and not p for w, p in zip(wanted, precomputed, strict=True))
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    ctx.save_for_backward(*grads, *(inputs if late else ()))
+    ctx.precomputed, ctx.reduction = precomputed, reduction
+
+
+def op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tuple]) -> list:
+    """The gradients autograd wants: precomputed ones scaled, the others from `late_op`."""
+    n = len(ctx.precomputed)
+    wanted = ctx.needs_input_grad[:n]
+    grads = scaled_all(ctx.saved_tensors[:n], ctx.precomputed, grad_loss)
+    late = tuple(w and not p for w, p in zip(wanted, ctx.precomputed, strict=True))
+    if any(late):
+        late_grads = late_op(grad_loss, late)
+        grads = [g if need else p for p, g, need in zip(grads, late_grads, late, strict=True)]
+    return only_wanted(grads, wanted)
+
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def default_chunk_size(rows: int, in_features: int, classes: int) -> int:
+    """Rows per chunk so that a chunk's (rows × classes) logits are about the size of x.
+
+    Liger-Kernel's rule: chunk = next power of two ≥ M / ⌈C / K⌉. For a head with C ≤ K the whole
+    batch is one chunk; for C = 32·K it is M/32 rows.
+    """
+    factor = max(1, math.ceil(classes / max(in_features, 1)))
+    return max(1, 1 << max(0, math.ceil(rows / factor) - 1).bit_length())
+
+
+def check_chunk(chunk_size: Any, rows: int, in_features: int, classes: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(rows, in_features, classes)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"chunk_size: expected a positive int or None, got {type(chunk_size).__name__} "
+            f"{chunk_size!r}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size}")
+    return chunk_size
+
+
+def requested(*tensors: Tensor | None) -> tuple[bool, ...]:
+    """Which of the tensors autograd will want a gradient for (read when the head is called)."""
+    grad_on = torch.is_grad_enabled()
+    return tuple(bool(grad_on and t is not None and t.requires_grad) for t in tensors)
+
+
+def check_head(x: Tensor, weight: Tensor, bias: Tensor | None, reduction: str) -> None:
+    check_reduction(reduction)
+    check_linear_args(x, weight, bias)
+
+
+
+def traced_backend(device: torch.device) -> str:
+    """The backend in force, read at trace time; the heads have no `triton_op` form."""
+    name = traced_backend_name(device)
+    return "triton" if name == "triton_op" else name

@@ -239,14 +239,6 @@ def test_bad_arguments():
         model([1.0, 2.0, 3.0, 4.0])
 
 
-def test_double_backward_is_refused():
-    model = mbp.MLP([4, 5, 3], "tanh", dtype=torch.float64)
-    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    (grad_x,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        grad_x.sum().backward()
-
-
 # ------------------------------------------------------------------------------ Triton backend
 
 

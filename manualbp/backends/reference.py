@@ -21,7 +21,7 @@ from torch import Tensor
 
 from manualbp.activations import Activation
 
-__all__ = ["linear_forward", "linear_backward", "compute_dtype", "cast"]
+__all__ = ["linear_forward", "linear_backward", "compute_dtype", "cast", "up"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,7 +29,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _up(t: Tensor) -> Tensor:
+def up(t: Tensor) -> Tensor:
+    """`t` in its compute dtype (float32 for 16-bit storage)."""
     return cast(t, compute_dtype(t.dtype))
 
 
@@ -45,9 +46,9 @@ def linear_forward(
 ) -> tuple[Tensor, Tensor]:
     """Returns (a, saved): saved is `a` itself when f′ is read from the output, else z."""
     if bias is None:
-        z = _up(x) @ _up(weight).t()
+        z = up(x) @ up(weight).t()
     else:
-        z = torch.addmm(_up(bias), _up(x), _up(weight).t())  # the bias add fused into the GEMM
+        z = torch.addmm(up(bias), up(x), up(weight).t())  # the bias add fused into the GEMM
     a = act(z)
     out = cast(a, x.dtype)
     saved = out if act.uses_output else cast(z, x.dtype)
@@ -66,8 +67,8 @@ def linear_backward(
     need_bias: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """δ = grad_out ⊙ f′(saved); then only the gradients that autograd asked for."""
-    delta = act.delta(_up(grad_out), _up(saved))
-    grad_input = cast(delta @ _up(weight), x.dtype) if need_input else None
-    grad_weight = cast(delta.t() @ _up(x), weight.dtype) if need_weight else None
+    delta = act.delta(up(grad_out), up(saved))
+    grad_input = cast(delta @ up(weight), x.dtype) if need_input else None
+    grad_weight = cast(delta.t() @ up(x), weight.dtype) if need_weight else None
     grad_bias = cast(delta.sum(0), weight.dtype) if need_bias else None
     return grad_input, grad_weight, grad_bias

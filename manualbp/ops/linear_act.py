@@ -57,6 +57,7 @@ from manualbp import backends
 from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
 from manualbp.backends import reference
+from manualbp.backends.reference import cast, up
 from manualbp.ops._common import (
     NS,
     autocast_to,
@@ -79,53 +80,106 @@ __all__ = [
     "triton_ops_available",
 ]
 
+IDENTITY = get_activation("identity")
+
 
 # ------------------------------------------------------------------------------ eager Function
 
 class LinearActFunction(PositionalFunction):
     """a = f(x Wᵀ + b) forward; δ = ∂C/∂a ⊙ f′, δᵀx, Σδ and δW backward.
 
-    Saves x and W by reference (autograd holds them anyway) and one activation-sized tensor:
-    `a` for output-derivable activations, `z` for the others.
+    Takes x of any shape (..., in) and returns the rows (M, out) — the caller restores the leading
+    dimensions, so the output is never a view made in here and in-place ops on it are legal.
+    Saves x, W and b by reference (autograd holds them anyway) and at most one activation-sized
+    tensor: `a` for output-derivable activations, `z` for the others, nothing for identity.
+
+    The autograd contract (DESIGN.md):
+
+    * a backward run with grad mode on (`create_graph=True`) is itself differentiable: it runs the
+      reference equations in torch ops, on any backend and device, with z recomputed from the
+      saved inputs (the kept z is a constant to autograd), so f″ terms are not lost;
+    * forward-mode AD (`jvp`): ȧ = f′(z) ⊙ (ẋ Wᵀ + x Ẇᵀ + ḃ), from the same kept tensor;
+    * `vmap`: generated from forward/backward, which are torch ops on the reference backend (the
+      entry point picks it whenever a torch.func transform is active).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
         x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation, backend: ModuleType
     ) -> tuple[Tensor, Tensor]:
         out, saved = backend.linear_forward(rows(x), weight, bias, act)
-        out = out.view(*x.shape[:-1], weight.shape[0])
         # z is a second output only when backward needs it; otherwise an empty placeholder.
-        z = out.new_empty(0) if act.uses_output else saved.view(out.shape)
-        return out, z
+        return out, (placeholder(out) if act.uses_output else saved)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
         x, weight, bias, act, backend = inputs
         out, z = output
-        ctx.save_for_backward(x, weight, out if act.uses_output else z)
+        # f′ of identity is 1: keep nothing (the empty z), so the output is free to be modified.
+        kept = out if act.uses_output and act.name != "identity" else z
+        ctx.save_for_backward(x, weight, bias, kept)
+        ctx.save_for_forward(x, weight, bias, kept)
         ctx.mark_non_differentiable(z)
-        ctx.act, ctx.backend, ctx.has_bias = act, backend, bias is not None
+        ctx.act, ctx.backend = act, backend
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_z: Tensor) -> tuple:
-        x, weight, saved = ctx.saved_tensors
+        x, weight, bias, kept = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        backend, x_rows = ctx.backend, rows(x)
         with no_autocast(x.device.type):  # backward called inside an autocast block
-            grad_input, grad_weight, grad_bias = ctx.backend.linear_backward(
-                rows(grad_out),
-                rows(x),
+            if torch.is_grad_enabled():  # create_graph: differentiable torch ops (class docstring)
+                backend = reference
+                if not ctx.act.uses_output:
+                    kept = recompute_z(x_rows, weight, bias)
+            grad_input, grad_weight, grad_bias = backend.linear_backward(
+                grad_out,
+                x_rows,
                 weight,
-                rows(saved),
+                kept,
                 ctx.act,
                 need_input=need_input,
                 need_weight=need_weight,
-                need_bias=need_bias and ctx.has_bias,
+                need_bias=need_bias and bias is not None,
             )
         if grad_input is not None:
             grad_input = grad_input.view(x.shape)
         return grad_input, grad_weight, grad_bias, None, None
 
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, *_: Any) -> tuple:
+        x, weight, bias, kept = ctx.saved_tensors
+        z_t = tangent_z(rows(x), weight, rows(x_t) if x_t is not None else None, weight_t, bias_t)
+        return cast(ctx.act.delta(z_t, up(kept)), x.dtype), None
+
+
+def recompute_z(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """z = x Wᵀ + b in torch ops (differentiable), rounded to the storage dtype as the kept z is."""
+    return reference.linear_forward(x, weight, bias, IDENTITY)[0]
+
+
+def tangent_z(
+    x: Tensor, weight: Tensor, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None
+) -> Tensor:
+    """ż = ẋ Wᵀ + x Ẇᵀ + ḃ for rows x, in the compute dtype (absent tangents are zero)."""
+    terms = []
+    if x_t is not None:
+        terms.append(up(x_t) @ up(weight).t())
+    if weight_t is not None:
+        terms.append(up(x) @ up(weight_t).t())
+    if bias_t is not None:
+        terms.append(up(bias_t).expand(x.shape[0], weight.shape[0]))
+    if not terms:
+        return up(x).new_zeros(x.shape[0], weight.shape[0])
+    return sum(terms[1:], terms[0])
+
+
+def eager_backend(device: torch.device) -> ModuleType:
+    """The backend an eager call runs: the one in force, or the reference under a torch.func
+    transform (vmap, jvp, grad, ...), whose batched and dual tensors only torch ops can take."""
+    return reference if torch._C._are_functorch_transforms_active() else backends.resolve(device)
 
 
 def linear(
@@ -150,10 +204,10 @@ def linear(
     check_linear_args(x, weight, bias)
     if torch.compiler.is_compiling():
         return linear_op(x, weight, bias, act)
-    backend = backends.resolve(x.device)
+    backend = eager_backend(x.device)
     with no_autocast(x.device.type):
         out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
-    return out
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------ custom ops

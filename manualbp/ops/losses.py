@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from manualbp._autograd import PositionalFunction
-from manualbp.backends.reference import cast, compute_dtype
+from manualbp.backends.reference import cast, compute_dtype, up
 from manualbp.ops._common import (
     NS,
     autocast_to,
@@ -74,6 +74,13 @@ def _reduce(per_item: Tensor, reduction: str, count: int | Tensor) -> Tensor:
     return total / count if reduction == "mean" else total
 
 
+def _reduce_items(items: Tensor, input: Tensor, reduction: str, per_example: bool) -> Tensor:
+    """Per-element terms → the loss: per-example sums first when asked, then the reduction."""
+    if per_example and input.dim() > 1:
+        items = items.flatten(1).sum(1)
+    return cast(_reduce(items, reduction, _count(input, per_example)), input.dtype)
+
+
 def _count(input: Tensor, per_example: bool) -> int:
     """What "mean" divides by: examples (first dimension) or elements. 0 gives NaN, as native."""
     return input.shape[0] if per_example and input.dim() > 0 else input.numel()
@@ -84,24 +91,37 @@ class SquaredErrorFunction(PositionalFunction):
 
     `per_example` sums over all but the first dimension before a "none" reduction, and "mean"
     then divides by the number of examples instead of the number of elements (the seed's E).
+
+    Backward is torch ops on the saved inputs, so it is differentiable as it stands; forward
+    mode: Ċ = reduce(2·scale·(y − t)(ẏ − ṫ)); vmap is generated.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
         input: Tensor, target: Tensor, reduction: str, scale: float, per_example: bool
     ) -> Tensor:
-        cdt = compute_dtype(input.dtype)
-        diff = cast(input, cdt) - cast(target, cdt)
-        squares = scale * diff * diff
-        if per_example and input.dim() > 1:
-            squares = squares.flatten(1).sum(1)
-        return cast(_reduce(squares, reduction, _count(input, per_example)), input.dtype)
+        diff = up(input) - up(target)
+        return _reduce_items(scale * diff * diff, input, reduction, per_example)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, target, reduction, scale, per_example = inputs
         ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
         ctx.reduction, ctx.scale, ctx.per_example = reduction, scale, per_example
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Tensor | None, target_t: Tensor | None, *_: Any) -> Tensor:
+        input, target = ctx.saved_tensors
+        diff = up(input) - up(target)
+        diff_t = torch.zeros_like(diff)
+        if input_t is not None:
+            diff_t = diff_t + up(input_t)
+        if target_t is not None:
+            diff_t = diff_t - up(target_t)
+        return _reduce_items(2 * ctx.scale * diff * diff_t, input, ctx.reduction, ctx.per_example)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple:
@@ -160,7 +180,13 @@ class CrossEntropyFunction(PositionalFunction):
     an (M × classes) tensor; backward recomputes m (an exact max) and the softmax from the logits.
     Keeping log_norm apart from m, rather than saving their sum, keeps the gradient as accurate
     as native autograd's in float32: the sum would round away low bits of log_norm.
+
+    A backward with grad mode on (create_graph) recomputes log_norm from the logits, so the
+    softmax it returns is differentiable (the saved one is a constant to autograd). Forward mode:
+    Ċ_i = Σ_c softmax(z_i)_c ż_ic − ż_i[t_i], reduced; vmap is generated.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(logits: Tensor, target: Tensor, reduction: str, ignore_index: int) -> tuple:
@@ -180,6 +206,7 @@ class CrossEntropyFunction(PositionalFunction):
         logits, target, reduction, ignore_index = inputs
         _, log_norm, count = output
         ctx.save_for_backward(logits, target, log_norm, count)
+        ctx.save_for_forward(logits, target, log_norm, count)
         ctx.mark_non_differentiable(log_norm, count)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
 
@@ -188,16 +215,35 @@ class CrossEntropyFunction(PositionalFunction):
         logits, target, log_norm, count = ctx.saved_tensors
         z = cast(logits, log_norm.dtype)
         valid = target != ctx.ignore_index
-        safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-        shifted = z - z.amax(dim=1, keepdim=True)
+        safe_target = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
+        # m only shifts: the softmax does not depend on it, so it is a constant to autograd.
+        shifted = z - z.amax(dim=1, keepdim=True).detach()
+        differentiable = torch.is_grad_enabled()
+        if differentiable:
+            log_norm = shifted.exp().sum(1).log()
         grad = (shifted - log_norm.unsqueeze(1)).exp()  # softmax = exp(log softmax)
-        grad.scatter_add_(1, safe_target.unsqueeze(1), -torch.ones_like(log_norm).unsqueeze(1))
+        minus_one = -torch.ones_like(log_norm).unsqueeze(1)
+        if differentiable:  # out of place: exp's backward needs its own output unchanged
+            grad = grad.scatter_add(1, safe_target, minus_one)
+        else:
+            grad.scatter_add_(1, safe_target, minus_one)
         g = cast(grad_loss, log_norm.dtype)
         if ctx.reduction == "mean":
             g = g / count
         row_scale = torch.where(valid, g, torch.zeros_like(log_norm))  # ignored rows get exactly 0
         grad = grad * row_scale.unsqueeze(1)
         return cast(grad, logits.dtype), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, logits_t: Tensor | None, *_: Any) -> tuple:
+        logits, target, log_norm, count = ctx.saved_tensors
+        z, z_t = cast(logits, log_norm.dtype), cast(logits_t, log_norm.dtype)  # type: ignore[arg-type]
+        valid = target != ctx.ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
+        softmax = (z - z.amax(dim=1, keepdim=True) - log_norm.unsqueeze(1)).exp()
+        losses_t = (softmax * z_t).sum(1) - z_t.gather(1, safe_target).squeeze(1)
+        losses_t = torch.where(valid, losses_t, torch.zeros_like(losses_t))
+        return cast(_reduce(losses_t, ctx.reduction, count), logits.dtype), None, None
 
 
 def cross_entropy(
@@ -245,7 +291,8 @@ def cross_entropy(
         # The class-range check reads values: the op runs it at run time instead.
         loss = cross_entropy_op(rows, target.reshape(-1), reduction, ignore_index)
     else:
-        check_class_range(target, classes, ignore_index)
+        if not torch._C._are_functorch_transforms_active():  # vmap cannot read values on the host
+            check_class_range(target, classes, ignore_index)
         loss, _, _ = CrossEntropyFunction.apply(rows, target.reshape(-1), reduction, ignore_index)
     if reduction == "none":
         loss = loss.view(target.shape)

@@ -31,6 +31,7 @@ rounded f of the float32 z: the two can differ in the last bit. In float32/float
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -38,14 +39,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from manualbp import backends
 from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
 from manualbp.backends import reference
-from manualbp.backends.reference import cast, compute_dtype
+from manualbp.backends.reference import cast, compute_dtype, up
 from manualbp.ops._common import autocast_to, check_linear_args, check_same, check_tensor, no_autocast
+from manualbp.ops.linear_act import eager_backend, tangent_z
 
 __all__ = [
     "MLPFunction",
@@ -178,7 +178,13 @@ class MLPFunction(PositionalFunction):
     Inputs: `x` (M, in) — already flattened to rows —, the plan, and the parameters as a flat
     list [W1, b1?, W2, b2?, ...]. Outputs: the network output and the kept tensors (returned so
     that `setup_context` can save them; non-differentiable).
+
+    Higher order, forward mode and vmap as :class:`manualbp.ops.linear_act.LinearActFunction`:
+    a backward with grad mode on reruns the forward from the saved inputs and the loop in torch
+    ops (differentiable); `jvp` pushes tangents through the layers; vmap is generated.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, plan: NetworkPlan, *params: Tensor) -> tuple[Tensor, ...]:
@@ -207,9 +213,9 @@ class MLPFunction(PositionalFunction):
                 last_a = i == plan.depth - 1 and plan.acts[i].uses_output
                 saved[i] = out if last_a else k
         ctx.save_for_backward(x, *params, *saved)
+        ctx.save_for_forward(x, *params)
 
     @staticmethod
-    @once_differentiable  # the loop below is not itself differentiable: say so, not wrong answers
     def backward(ctx: Any, grad_out: Tensor, *_grad_kept: Tensor) -> tuple:
         plan: NetworkPlan = ctx.plan
         x, *rest = ctx.saved_tensors
@@ -219,8 +225,27 @@ class MLPFunction(PositionalFunction):
         params, kept = rest[:n_params], list(rest[n_params:])
         layers = plan.split(params)
         with no_autocast(x.device.type):  # backward may run inside an autocast block
+            if torch.is_grad_enabled():
+                # create_graph: the loop must itself be differentiable. The kept tensors are
+                # constants to autograd, so the forward is rerun from the saved inputs, and every
+                # step runs the reference equations in torch ops (any backend, same device).
+                plan = dataclasses.replace(plan, backend=reference, recompute=True)
             return _backward_loop(ctx.needs_input_grad, plan, x, kept, layers, grad_out)
 
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, _plan_t: None, *params_t: Tensor | None) -> tuple:
+        """Forward mode, layer by layer: żˡ = ȧˡ⁻¹ Wˡᵀ + aˡ⁻¹ Ẇˡᵀ + ḃˡ, ȧˡ = f′ˡ ⊙ żˡ."""
+        plan: NetworkPlan = ctx.plan
+        x, *params = ctx.saved_tensors
+        a, a_t = x, x_t
+        for act, (weight, bias), (weight_t, bias_t) in zip(
+            plan.acts, plan.split(params), plan.split(params_t), strict=True
+        ):
+            z_t = tangent_z(a, weight, a_t, weight_t, bias_t)
+            a, saved = reference.linear_forward(a, weight, bias, act)
+            a_t = act.delta(z_t, up(saved))
+        assert a_t is not None
+        return (cast(a_t, x.dtype), *(None,) * plan.depth)
 
 def _backward_loop(
     needs_input_grad: tuple[bool, ...],
@@ -231,9 +256,8 @@ def _backward_loop(
     grad_out: Tensor,
 ) -> tuple:
     """The seed's loop from the last layer down to the lowest one a gradient is wanted for."""
-    if plan.recompute:
-        with torch.no_grad():
-            _, kept = _forward_layers(x, plan, layers)
+    if plan.recompute:  # (grad mode is on here only for a differentiable backward)
+        _, kept = _forward_layers(x, plan, layers)
     # Which gradients autograd wants, per layer: (weight, bias).
     flags = needs_input_grad[2:]
     wants = [(bool(flags[j]), bool(flags[j + 1]) if b else False) for j, b in _offsets(plan)]
@@ -341,7 +365,7 @@ def mlp(
             check_same(f"layers.{i}.bias", bias, "input", input)
     with no_autocast(device_type):
         return mlp_network(
-            input, weights, biases, acts, backend=backends.resolve(input.device), recompute=recompute
+            input, weights, biases, acts, backend=eager_backend(input.device), recompute=recompute
         )
 
 

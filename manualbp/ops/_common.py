@@ -32,6 +32,7 @@ __all__ = [
     "check_tensor",
     "no_autocast",
     "placeholder",
+    "refuse_create_graph",
     "rows",
 ]
 
@@ -127,6 +128,17 @@ def rows(t: Tensor) -> Tensor:
 def placeholder(like: Tensor) -> Tensor:
     """The (0,)-shaped stand-in for an output that is not needed (ops cannot return None)."""
     return like.new_empty(0)
+
+
+def refuse_create_graph(op: str) -> None:
+    """The custom ops' backward formulas are opaque ops, constants to autograd: with grad mode on
+    (create_graph=True) say so, rather than hand back a gradient that drops every higher term."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: higher-order gradients (create_graph=True) are not available through its "
+            "custom op (torch.compile / torch.export graphs, or the op called directly); call the "
+            "eager entry point (manualbp.functional) for them"
+        )
 
 
 # -------------------------------------------------------------------------------------- autocast

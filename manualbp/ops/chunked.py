@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from manualbp.backends import reference
-from manualbp.backends.reference import compute_dtype
-from manualbp.ops._common import check_linear_args, check_reduction, no_autocast
+from manualbp.backends.reference import cast, compute_dtype, up
+from manualbp.ops._common import check_linear_args, check_reduction, no_autocast, refuse_create_graph
 from manualbp.ops.linear_act import traced_backend_name
 
 __all__ = [
@@ -31,7 +31,10 @@ __all__ = [
     "fake_grads",
     "filled",
     "gemms_for",
+    "grads_from",
     "head_backward",
+    "logits",
+    "no_graph_backward",
     "op_grads",
     "or_placeholder",
     "requested",
@@ -39,6 +42,7 @@ __all__ = [
     "save_head",
     "save_op_head",
     "scaled_all",
+    "split_saved",
     "traced_backend",
     "only_wanted",
 ]
@@ -159,21 +163,59 @@ def or_placeholder(t: Tensor | None, like: Tensor) -> Tensor:
 
 def save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                reduction: str, grads: list[Tensor]) -> None:
-    """What both heads keep: the chunked gradients for mean/sum (backward only scales them), or
-    the inputs by reference for "none" (backward reruns the chunks with per-row weights)."""
+    """What both heads keep: the chunked gradients for mean/sum (backward only scales them), and
+    the inputs by reference — for "none" (backward reruns the chunks with per-row weights) and
+    for a differentiable backward (create_graph), which recomputes from them."""
     ctx.mark_non_differentiable(*grads)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
-    if reduction == "none":
-        ctx.save_for_backward(x, weight, bias, target)  # inputs: held by reference
-    else:
-        ctx.save_for_backward(*grads)
+    kept = grads if reduction != "none" else []
+    ctx.save_for_backward(*kept, x, weight, bias, target)
+    ctx.n_grads = len(kept)
 
 
-def head_backward(backward: Callable[[Any, Tensor], tuple], ctx: Any, grad_loss: Tensor | None) -> tuple:
+def split_saved(ctx: Any) -> tuple[tuple, tuple]:
+    """(precomputed gradients, inputs) of what `save_head` kept (the ops' HeadCtx: inputs only)."""
+    saved, n = ctx.saved_tensors, getattr(ctx, "n_grads", 0)
+    return saved[:n], saved[n:]
+
+
+def head_backward(
+    first_order: Callable[[Any, Tensor], tuple],
+    differentiable: Callable[[Any, Tensor], tuple],
+    ctx: Any,
+    grad_loss: Tensor | None,
+) -> tuple:
+    """The heads' backward: the chunked one, or with grad mode on (create_graph) the equations
+    in differentiable torch ops — the precomputed gradients are constants to autograd."""
     if grad_loss is None:
         return (None,) * len(ctx.needs_input_grad)
     with no_autocast(grad_loss.device.type):  # backward may run inside autocast
-        return backward(ctx, grad_loss)
+        if torch.is_grad_enabled():
+            return differentiable(ctx, grad_loss)
+        return first_order(ctx, grad_loss)
+
+
+def no_graph_backward(ctx: Any, grad_loss: Tensor) -> tuple:
+    """The custom ops' stand-in for a differentiable backward: a clear error, never a constant."""
+    refuse_create_graph("fused head")
+    raise AssertionError("unreachable: head_backward calls this with grad mode on")
+
+
+def grads_from(
+    grad_y: Tensor, x: Tensor, weight: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """G W, Gᵀ x and Σ G for G = ∂C/∂y (compute dtype) in torch ops: the differentiable backward."""
+    need_x, need_weight, need_bias = needs
+    grad_x = cast(grad_y @ up(weight), x.dtype) if need_x else None
+    grad_weight = cast(grad_y.t() @ up(x), weight.dtype) if need_weight else None
+    grad_bias = cast(grad_y.sum(0), weight.dtype) if need_bias else None
+    return grad_x, grad_weight, grad_bias
+
+
+def logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x Wᵀ + b for all rows at once, in the compute dtype (differentiable)."""
+    y = up(x) @ up(weight).t()
+    return y if bias is None else y + up(bias)
 
 
 

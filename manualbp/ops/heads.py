@@ -58,12 +58,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from manualbp import backends
 from manualbp._autograd import PositionalFunction
 from manualbp.backends import reference
-from manualbp.backends.reference import compute_dtype
+from manualbp.backends.reference import compute_dtype, up
 from manualbp.ops._common import (
     NS,
     autocast_on,
@@ -82,7 +81,10 @@ from manualbp.ops.chunked import (
     fake_grads,
     filled,
     gemms_for,
+    grads_from,
     head_backward,
+    logits,
+    no_graph_backward,
     op_grads,
     or_placeholder,
     requested,
@@ -90,8 +92,10 @@ from manualbp.ops.chunked import (
     save_head,
     save_op_head,
     scaled_all,
+    split_saved,
     traced_backend,
 )
+from manualbp.ops.linear_act import linear
 
 # The squared-error head is its own family; the heads' namespace offers both.
 from manualbp.ops.linear_mse import (
@@ -100,6 +104,7 @@ from manualbp.ops.linear_mse import (
     linear_mse_forward,
     linear_mse_loss,
 )
+from manualbp.ops.losses import cross_entropy
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -206,7 +211,8 @@ class LinearCrossEntropyFunction(PositionalFunction):
             loss = losses.sum()
         else:
             loss = losses.sum() / count  # 0/0 = NaN when every row is ignored, as native
-        return (loss.to(x.dtype), *(or_placeholder(g, x) for g in grads))
+        # In the compute dtype: the entry point rounds it to x's dtype unless autocast is on.
+        return (loss, *(or_placeholder(g, x) for g in grads))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -217,16 +223,18 @@ class LinearCrossEntropyFunction(PositionalFunction):
         ctx.needs, ctx.backend = needs, backend
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor) -> tuple:
-        return head_backward(LinearCrossEntropyFunction._backward, ctx, grad_loss)
+        return head_backward(
+            LinearCrossEntropyFunction._backward, _ce_differentiable_backward, ctx, grad_loss
+        )
 
     @staticmethod
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:
+        grads, inputs = split_saved(ctx)
         if ctx.reduction != "none":
-            grad_x, grad_weight, grad_bias = scaled_all(ctx.saved_tensors, ctx.needs, grad_loss)
+            grad_x, grad_weight, grad_bias = scaled_all(grads, ctx.needs, grad_loss)
         else:
-            x, weight, bias, target = ctx.saved_tensors
+            x, weight, bias, target = inputs
             losses = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
             head = _ce_head(ctx.backend, target, ctx.ignore_index, losses, grad_loss)
             grad_x, grad_weight, grad_bias = run_chunks(
@@ -234,6 +242,21 @@ class LinearCrossEntropyFunction(PositionalFunction):
             )
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
+
+def _ce_differentiable_backward(ctx: Any, grad_loss: Tensor) -> tuple:
+    """G = (softmax(z) − onehot(t)) · ∂C/∂ℓ_i for all rows at once, in differentiable torch ops."""
+    _, (x, weight, bias, target) = split_saved(ctx)
+    z = logits(x, weight, bias)
+    valid = target != ctx.ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
+    onehot = torch.zeros_like(z).scatter(1, safe_target, 1.0)
+    row_grad = up(grad_loss).expand(target.shape)
+    if ctx.reduction == "mean":
+        row_grad = row_grad / valid.sum()
+    row_grad = torch.where(valid, row_grad, torch.zeros_like(row_grad))  # ignored rows: exactly 0
+    grad_z = (torch.softmax(z, dim=1) - onehot) * row_grad.unsqueeze(1)
+    grads = grads_from(grad_z, x, weight, ctx.needs_input_grad[:3])
+    return (*grads, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -306,7 +329,7 @@ def _linear_cross_entropy_forward_fake(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     none = reduction == "none"
-    loss = x.new_empty(x.shape[:1] if none else ())
+    loss = x.new_empty(x.shape[:1] if none else (), dtype=compute_dtype(x.dtype))
     needs = (False,) * 3 if none else (need_x, need_weight, need_bias)
     return (loss, *fake_grads(x, weight, None, needs))  # type: ignore[return-value]
 
@@ -349,7 +372,7 @@ def _ce_op_backward(ctx: Any, grad_loss: Tensor) -> tuple:
 
 
 linear_cross_entropy_forward.register_autograd(
-    lambda ctx, grad_loss, *_: head_backward(_ce_op_backward, ctx, grad_loss),
+    lambda ctx, grad_loss, *_: head_backward(_ce_op_backward, no_graph_backward, ctx, grad_loss),
     setup_context=_ce_op_setup_context,
 )
 
@@ -415,6 +438,11 @@ def linear_cross_entropy(
     rows = x.reshape(-1, x.shape[-1])
     chunk = check_chunk(chunk_size, rows.shape[0], weight.shape[1], weight.shape[0])
     args = (rows, weight, bias, target.reshape(-1), reduction, int(ignore_index), chunk)
+    if torch._C._are_functorch_transforms_active():
+        # vmap / jvp / grad transforms: the layer and the loss as two Functions (they support
+        # them); the logits are materialised, and the class range is not read on the host.
+        loss = cross_entropy(linear(rows, weight, bias), target.reshape(-1), reduction, ignore_index)
+        return loss.view(target.shape) if reduction == "none" else loss
     needs = requested(x, weight, bias)
     with no_autocast(x.device.type):
         if torch.compiler.is_compiling():
@@ -422,6 +450,6 @@ def linear_cross_entropy(
         else:
             check_class_range(target, weight.shape[0], ignore_index)
             loss, *_ = LinearCrossEntropyFunction.apply(*args, needs, backends.resolve(x.device))
-        if autocast:
-            loss = loss.float()
+        # Computed in float32 for 16-bit inputs: float32 under autocast, as native; else x's dtype.
+        loss = loss if autocast else loss.to(x.dtype)
     return loss.view(target.shape) if reduction == "none" else loss

@@ -66,6 +66,7 @@ from manualbp.ops._common import (
     check_tensor,
     no_autocast,
     placeholder,
+    refuse_create_graph,
     rows,
 )
 
@@ -207,7 +208,8 @@ def linear(
     backend = eager_backend(x.device)
     with no_autocast(x.device.type):
         out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    # The leading dimensions come back outside the Function: its output is never a view.
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -368,6 +370,7 @@ def _linear_setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]
 
 def _make_linear_backward(backward_op: Any) -> Any:
     def backward(ctx: Any, grad_out: Tensor, _grad_z: Tensor) -> tuple:
+        refuse_create_graph("manualbp::linear_forward")
         x, weight, saved = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias

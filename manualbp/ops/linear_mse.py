@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from manualbp import backends
 from manualbp._autograd import PositionalFunction
-from manualbp.backends.reference import compute_dtype
+from manualbp.backends.reference import cast, compute_dtype, up
 from manualbp.ops._common import NS, backend_module, check_same, check_tensor, no_autocast
 from manualbp.ops.chunked import (
     Head,
@@ -32,7 +31,10 @@ from manualbp.ops.chunked import (
     fake_grads,
     filled,
     gemms_for,
+    grads_from,
     head_backward,
+    logits,
+    no_graph_backward,
     op_grads,
     or_placeholder,
     requested,
@@ -40,8 +42,11 @@ from manualbp.ops.chunked import (
     save_head,
     save_op_head,
     scaled_all,
+    split_saved,
     traced_backend,
 )
+from manualbp.ops.linear_act import linear
+from manualbp.ops.losses import mse_loss
 
 __all__ = ["LinearMSEFunction", "linear_mse_backward", "linear_mse_forward", "linear_mse_loss"]
 
@@ -112,16 +117,16 @@ class LinearMSEFunction(PositionalFunction):
         ctx.reduction, ctx.chunk_size, ctx.needs, ctx.backend = reduction, chunk_size, needs, backend
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor) -> tuple:
-        return head_backward(LinearMSEFunction._backward, ctx, grad_loss)
+        return head_backward(LinearMSEFunction._backward, _mse_differentiable_backward, ctx, grad_loss)
 
     @staticmethod
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:
+        saved_grads, inputs = split_saved(ctx)
         if ctx.reduction != "none":
-            grads = scaled_all(ctx.saved_tensors, ctx.needs, grad_loss)
+            grads = scaled_all(saved_grads, ctx.needs, grad_loss)
         else:
-            x, weight, bias, target = ctx.saved_tensors
+            x, weight, bias, target = inputs
             losses = torch.empty_like(target, dtype=compute_dtype(x.dtype))
             grad_target = torch.empty_like(target) if ctx.needs[3] else None
             head = _mse_head(target, losses, grad_loss, grad_target)
@@ -130,6 +135,18 @@ class LinearMSEFunction(PositionalFunction):
                 grad_target,
             ]
         return (*grads, None, None, None, None)
+
+
+def _mse_differentiable_backward(ctx: Any, grad_loss: Tensor) -> tuple:
+    """G = 2 (y − t) · ∂C/∂ℓ for all rows at once, in differentiable torch ops."""
+    _, (x, weight, bias, target) = split_saved(ctx)
+    grad_elem = up(grad_loss)
+    if ctx.reduction == "mean":
+        grad_elem = grad_elem / target.numel()
+    grad_y = 2 * (logits(x, weight, bias) - up(target)) * grad_elem
+    grads = grads_from(grad_y, x, weight, ctx.needs_input_grad[:3])
+    grad_target = cast(-grad_y, target.dtype) if ctx.needs_input_grad[3] else None
+    return (*grads, grad_target, None, None, None, None)
 
 
 
@@ -239,7 +256,7 @@ def _mse_op_backward(ctx: Any, grad_loss: Tensor) -> tuple:
 
 
 linear_mse_forward.register_autograd(
-    lambda ctx, grad_loss, *_: head_backward(_mse_op_backward, ctx, grad_loss),
+    lambda ctx, grad_loss, *_: head_backward(_mse_op_backward, no_graph_backward, ctx, grad_loss),
     setup_context=_mse_op_setup_context,
 )
 
@@ -275,6 +292,11 @@ def linear_mse_loss(
     rows = x.reshape(-1, x.shape[-1])
     chunk = check_chunk(chunk_size, rows.shape[0], weight.shape[1], weight.shape[0])
     args = (rows, weight, bias, target.reshape(-1, weight.shape[0]), reduction, chunk)
+    if torch._C._are_functorch_transforms_active():
+        # vmap / jvp / grad transforms: the layer and the loss as two Functions (they support
+        # them); y is materialised. Not cast under autocast, as this head never is.
+        with no_autocast(x.device.type):
+            return mse_loss(linear(x, weight, bias), target, reduction)
     needs = requested(x, weight, bias, target)
     with no_autocast(x.device.type):
         if torch.compiler.is_compiling():

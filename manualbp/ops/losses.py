@@ -36,6 +36,7 @@ from manualbp.ops._common import (
     check_tensor,
     no_autocast,
     placeholder,
+    refuse_create_graph,
 )
 
 __all__ = [
@@ -380,6 +381,7 @@ def _squared_error_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> Non
 
 
 def _squared_error_backward_formula(ctx: Any, grad_loss: Tensor) -> tuple:
+    refuse_create_graph("manualbp::squared_error_forward")
     input, target = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[:2]
     grad_input, grad_target = squared_error_backward(
@@ -470,6 +472,7 @@ def _cross_entropy_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None
 def _cross_entropy_backward_formula(
     ctx: Any, grad_loss: Tensor, _g_lse: Tensor, _g_count: Tensor
 ) -> tuple:
+    refuse_create_graph("manualbp::cross_entropy_forward")
     logits, target, lse, count = ctx.saved_tensors
     grad = cross_entropy_backward(
         grad_loss, logits, target, lse, count, ctx.reduction, ctx.ignore_index

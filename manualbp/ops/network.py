@@ -76,7 +76,7 @@ class NetworkPlan:
         """Whether layer `layer` keeps its `a`/`z` for backward: all but an identity last layer."""
         return not (layer == self.depth - 1 and self.acts[layer].name == "identity")
 
-    def split(self, params: Sequence[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+    def split(self, params: Sequence[Any]) -> list[tuple[Any, Any]]:
         """(weight, bias) per layer from the flat parameter list [W1, b1?, W2, b2?, ...]."""
         out: list[tuple[Tensor, Tensor | None]] = []
         i = 0

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
@@ -120,6 +121,27 @@ class LinearAct(nn.Module):
         return text
 
 
+def _must_call(layers: nn.ModuleList) -> bool:
+    """Whether network mode would bypass something the layers' own calls run: module hooks
+    (forward, pre-forward, backward; also the global ones — `prune`, the old `weight_norm` and
+    `spectral_norm`, FSDP2's `fully_shard` are hooks), or parametrizations of their weights."""
+    if (
+        nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_backward_hooks
+        or nn.modules.module._global_backward_pre_hooks
+    ):
+        return True
+    return any(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+        or parametrize.is_parametrized(layer)
+        for layer in layers
+    )
+
+
 class MLP(nn.Module):
     """A stack of `LinearAct` layers: sizes [in, h1, ..., out], `activation` on the hidden
     layers, `output_activation` on the last. State_dict keys are ``layers.{i}.weight`` and
@@ -128,6 +150,10 @@ class MLP(nn.Module):
     mode="network" (default) runs the whole stack as one autograd node whose backward is the seed's
     δ recursion (:mod:`manualbp.ops.network`): one activation-sized tensor kept per layer at most.
     mode="layers" chains the layers' own autograd nodes (one per `LinearAct`), for comparison.
+    Network mode reads the layers' parameters without calling the layers, so whenever a layer
+    has module hooks (also global ones: pruning, spectral_norm, FSDP2's `fully_shard` are hooks)
+    or parametrizations (`weight_norm`, ...), the MLP calls its layers instead — the result is
+    then exactly mode="layers".
     recompute=True (network mode only) keeps just the block input and reruns the forward in
     backward, trading one forward pass for the activations' memory.
     """
@@ -186,8 +212,9 @@ class MLP(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         # While a graph is captured (torch.compile/export) the per-layer path runs: each layer is
-        # then one `manualbp::` custom op, which the tracer can handle.
-        if self.mode == "layers" or torch.compiler.is_compiling():
+        # then one `manualbp::` custom op, which the tracer can handle. So it does when a layer
+        # must be called as a module (hooks, parametrizations, pruning, FSDP).
+        if self.mode == "layers" or torch.compiler.is_compiling() or _must_call(self.layers):
             for layer in self.layers:
                 input = layer(input)
             return input

@@ -338,7 +338,7 @@ def mlp_network(
             params.append(bias)
     rows = x.reshape(-1, x.shape[-1])
     out, *_ = MLPFunction.apply(rows, plan, *params)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 def mlp(

@@ -228,7 +228,7 @@ class DigitsDataModule(_TensorDataModule):
             from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
         except ImportError as err:
             raise ImportError(
-                "DigitsDataModule: needs scikit-learn for its bundled digits; pip install scikit-learn"
+                "DigitsDataModule: needs scikit-learn for its bundled digits; pip install manualbp[lightning]"
             ) from err
 
         digits = load_digits()

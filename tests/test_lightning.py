@@ -25,6 +25,7 @@ from manualbp.lightning import (
     MLPRegressor,
     NativeMLP,
     RegressionDataModule,
+    ResumableLoader,
     SavedActivationMemoryCallback,
     gradient_parity,
 )
@@ -32,7 +33,7 @@ from manualbp.lightning.data import regression_target, split_indices
 from manualbp.nn import MLP
 from tests.helpers import TOL, rel_err
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "manualbp" / "lightning" / "configs"
 DIGITS_SIZES = [64, 32, 10]
 
 
@@ -382,7 +383,7 @@ def test_saved_activation_memory_callback_counts_activations():
 
 
 def test_cli_fit_linear_neuron_then_resume(tmp_path, monkeypatch):
-    from experiments.train import main
+    from manualbp.lightning.cli import main
 
     monkeypatch.setattr(sys, "argv", ["train"])  # pytest's own arguments are not the CLI's
     args = [
@@ -429,8 +430,101 @@ def test_cli_fit_linear_neuron_then_resume(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("config", ["digits.yaml", "regression.yaml", "linear_neuron.yaml"])
 def test_configs_parse(config):
-    from experiments.train import main
+    from manualbp.lightning.cli import main
 
     cli = main(["--config", str(CONFIGS / config), "--trainer.logger=false"], run=False)
     assert cli.model.hparams.backend == "manual"
     assert any(isinstance(c, GradientParityCallback) for c in cli.trainer.callbacks)
+
+
+# ------------------------------------------------------------------------------- data parallel
+
+
+def _served(loader: ResumableLoader, batches: int | None = None) -> list[torch.Tensor]:
+    out = []
+    for i, batch in enumerate(loader):
+        out.append(batch[0])
+        if batches is not None and i + 1 == batches:
+            break
+    return out
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_resumable_loader_shards_like_distributed_sampler(replicas):
+    n = 101  # not a multiple of 2 or 3: the shards are padded by wrapping around
+    data = torch.utils.data.TensorDataset(torch.arange(n, dtype=torch.float64).unsqueeze(1))
+    loaders = [ResumableLoader(data, 8, seed=5, num_replicas=replicas, rank=r) for r in range(replicas)]
+    shard = -(-n // replicas)
+    assert all(loader.shard_size == shard and len(loader) == -(-shard // 8) for loader in loaders)
+    for epoch in (0, 1):
+        shards = [loader.shard_order(epoch) for loader in loaders]
+        # DistributedSampler's layout of the same permutation: rank r takes r, r + R, r + 2R, ...
+        order = ResumableLoader(data, 8, seed=5).epoch_order(epoch)
+        padded = torch.cat([order, order[: shard * replicas - n]])
+        for r, indices in enumerate(shards):
+            assert torch.equal(indices, padded[r::replicas])
+        # One epoch over the ranks covers the data set once, plus the < R padding examples.
+        assert sorted(torch.cat(shards).unique().tolist()) == list(range(n))
+        assert len(torch.cat(shards)) == shard * replicas < n + replicas
+    # What each rank serves is its shard, in order.
+    served = torch.cat(_served(loaders[1])).squeeze(1).long()
+    assert torch.equal(served, loaders[1].shard_order(0))
+
+
+def test_resumable_loader_resumes_a_shard_mid_epoch_bit_identically():
+    data = torch.utils.data.TensorDataset(torch.randn(203, 4))
+    uninterrupted = ResumableLoader(data, 16, seed=1, num_replicas=2, rank=1)
+    reference = _served(uninterrupted) + _served(uninterrupted)  # epochs 0 and 1
+    first = ResumableLoader(data, 16, seed=1, num_replicas=2, rank=1)
+    head = _served(first, batches=3)
+    state = first.state_dict()
+    assert state == {"epoch": 0, "served": 3, "num_replicas": 2}
+    resumed = ResumableLoader(data, 16, seed=1, num_replicas=2, rank=1)
+    resumed.load_state_dict(state)
+    tail = _served(resumed) + _served(resumed)
+    assert len(head + tail) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, reference))
+
+    other_world = ResumableLoader(data, 16, seed=1, num_replicas=4, rank=0)
+    with pytest.raises(ValueError, match=r"num_replicas.*saved by 2 .*expected 4"):
+        other_world.load_state_dict(state)
+    single = ResumableLoader(data, 16, seed=1)
+    single.load_state_dict({"epoch": 0, "served": 2})  # a checkpoint from before sharding: 1 process
+    with pytest.raises(ValueError, match="rank: expected an int in"):
+        ResumableLoader(data, 16, seed=1, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="num_replicas: expected a positive int"):
+        ResumableLoader(data, 16, seed=1, num_replicas=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_each_train_on_half_the_data(tmp_path):
+    import json
+    import os
+    import socket
+
+    from tests.ddp_fit import fit
+    from tests.processes import run_bounded
+
+    single = fit(1)
+    single_steps = single.global_step
+    assert single_steps == len(single.train_dataloader) == math.ceil(1079 / 32)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    root = Path(__file__).resolve().parents[1]
+    done = run_bounded(
+        [sys.executable, "-m", "tests.ddp_fit", "2", tmp_path], cwd=root, env=env, idle_timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, record in enumerate(ranks):
+        assert (record["rank"], record["world_size"], record["num_replicas"]) == (r, 2, 2)
+        assert record["global_step"] == record["len"] == math.ceil(math.ceil(1079 / 2) / 32)
+    # The step count halves (34 → 17), and the two shards together are the data set once.
+    assert ranks[0]["global_step"] == math.ceil(single_steps / 2)
+    shards = [set(record["shard"]) for record in ranks]
+    assert shards[0] | shards[1] == set(range(1079))
+    assert len(shards[0] & shards[1]) <= 1  # the one padding example of an odd data set

@@ -205,7 +205,7 @@ def test_module_gradients_match_native_float64(module_class, activation, loss):
     sizes = [data.num_features, 9, 6, 10 if module_class is MLPClassifier else 1]
     model = module_class(sizes, activation=activation, **kwargs).double()
     parity = gradient_parity(model, _batch(data))
-    assert set(parity) == {f"layer{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    assert set(parity) == {f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
     assert max(parity.values()) <= TOL[torch.float64], parity
     # The native backend's loss is the manual one's, value for value.
     x, target = _batch(data)
@@ -322,13 +322,13 @@ def test_parity_callback_logs_every_layer(tmp_path):
         log_every_n_steps=1,
     ).fit(model, DigitsDataModule(batch_size=32))
     assert [step for step, _ in parity.history] == [0, 2, 4]
-    names = {f"layer{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    names = {f"layers.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
     for _, values in parity.history:
         assert set(values) == names
         assert max(values.values()) <= DEFAULT_PARITY_THRESHOLDS[torch.float64]
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    logged = [row for row in rows if row.get("parity/layer0.weight")]
+    logged = [row for row in rows if row.get("parity/layers.0.weight")]
     assert [int(row["step"]) for row in logged] == [0, 2, 4]
     assert {f"parity/{n}" for n in names} | {"parity/max"} <= set(rows[0])
 
@@ -340,13 +340,13 @@ def test_parity_callback_raises_on_a_broken_gradient(precision):
     model = MLPClassifier(DIGITS_SIZES)
     model.net.layers[1].weight.register_hook(lambda grad: grad * 1.01)
     parity = GradientParityCallback(every_n_steps=1)
-    with pytest.raises(RuntimeError, match=r"gradient parity: layer1\.weight differs .* at step 0"):
+    with pytest.raises(RuntimeError, match=r"gradient parity: layers\.1\.weight differs .* at step 0"):
         _trainer(max_steps=2, precision=precision, limit_val_batches=0, callbacks=[parity]).fit(
             model, DigitsDataModule(batch_size=32)
         )
     (step, values), *_ = parity.history
-    assert step == 0 and math.isclose(values["layer1.weight"], 0.01, rel_tol=1e-3)
-    assert values["layer0.weight"] <= TOL[PRECISION_DTYPE[precision]]
+    assert step == 0 and math.isclose(values["layers.1.weight"], 0.01, rel_tol=1e-3)
+    assert values["layers.0.weight"] <= TOL[PRECISION_DTYPE[precision]]
 
 
 def test_parity_callback_raises_when_delta_is_wrong(monkeypatch):
@@ -355,11 +355,11 @@ def test_parity_callback_raises_when_delta_is_wrong(monkeypatch):
     correct = Activation.delta
     monkeypatch.setattr(Activation, "delta", lambda self, grad, saved: correct(self, grad, saved) * 1.01)
     parity = GradientParityCallback(every_n_steps=1)
-    with pytest.raises(RuntimeError, match=r"gradient parity: layer0\.weight differs .* at step 0"):
+    with pytest.raises(RuntimeError, match=r"gradient parity: layers\.0\.weight differs .* at step 0"):
         _trainer(max_steps=2, precision="64-true", limit_val_batches=0, callbacks=[parity]).fit(
             MLPClassifier(DIGITS_SIZES), DigitsDataModule(batch_size=32)
         )
-    assert math.isclose(parity.history[0][1]["layer0.weight"], 0.01, rel_tol=1e-3)
+    assert math.isclose(parity.history[0][1]["layers.0.weight"], 0.01, rel_tol=1e-3)
 
 
 def test_saved_activation_memory_callback_counts_activations():

@@ -158,6 +158,7 @@ def summary_line(
         where += " (metrics.csv, checkpoints/"
         where += f", {curves.name})" if curves is not None else ")"
     return (
-        f"{name}: {backend} backward, {epochs} epochs ({steps} steps) in {seconds:.1f} s; "
+        f"{name}: {backend} backward, {epochs} epoch{'' if epochs == 1 else 's'} ({steps} steps) "
+        f"in {seconds:.1f} s; "
         f"{figures or 'no metrics logged'}; {where}"
     )

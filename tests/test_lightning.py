@@ -528,3 +528,43 @@ def test_ddp_two_ranks_each_train_on_half_the_data(tmp_path):
     shards = [set(record["shard"]) for record in ranks]
     assert shards[0] | shards[1] == set(range(1079))
     assert len(shards[0] & shards[1]) <= 1  # the one padding example of an odd data set
+
+
+def test_cli_fit_prints_a_summary_and_draws_manual_vs_native(tmp_path, monkeypatch, capsys, caplog):
+    import logging
+    import warnings
+
+    from manualbp.lightning.cli import main, resolve_config
+    from manualbp.lightning.plots import find_comparison, read_metrics
+
+    monkeypatch.setattr(sys, "argv", ["manualbp-train"])
+    args = ["fit", "--config", "linear_neuron", "--runs_dir", str(tmp_path), "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manual = main(args)
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "linear_neuron" / "version_0"
+    (line,) = [row for row in out.splitlines() if row.startswith("linear_neuron: ")]
+    assert line.startswith("linear_neuron: manual backward, 2 epochs (20 steps) in ")
+    assert f"outputs in {run_dir} (metrics.csv, checkpoints/, curves.png)" in line
+    assert "val/loss " in line and "train/loss " in line and manual.summary == line
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [epoch for epoch, _ in read_metrics(run_dir / "metrics.csv")["val/loss"]] == [0, 1]
+    # Lightning's advertising and the LeafSpec FutureWarning are silenced inside the entry point...
+    assert "Tip:" not in caplog.text
+    assert not [w for w in caught if "LeafSpec" in str(w.message)], [str(w.message) for w in caught]
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        assert not logging.getLogger(name).filters  # ...and only there
+
+    native = main([*args, "--model.init_args.backend", "native", "--run_name", "native"])
+    native_dir = tmp_path / "native" / "version_0"
+    assert find_comparison(native_dir, dict(native.model.hparams)) == ("manual", run_dir)
+    assert native.curves_path == native_dir / "curves.png" and native.curves_path.is_file()
+    assert "native: native backward, 2 epochs (20 steps)" in capsys.readouterr().out
+
+    assert resolve_config("digits") == str(CONFIGS / "digits.yaml")
+    assert resolve_config("digits.yaml") == str(CONFIGS / "digits.yaml")
+    with pytest.raises(FileNotFoundError, match=r"--config: 'nope' is neither a file nor a packaged"):
+        resolve_config("nope")

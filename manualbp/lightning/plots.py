@@ -108,8 +108,13 @@ def plot_curves(
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.6), squeeze=False)
     for ax, (family, heading) in zip(axes.flat, panels):
-        for runs, run_label, style in ((series, label, "-"), (other or {}, other_label, "--")):
-            for stage, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+        mine = {"train": "tab:blue", "val": "tab:orange"}
+        theirs = {"train": "tab:green", "val": "tab:red"}
+        for runs, run_label, style, colours in (
+            (series, label, "-", mine),
+            (other or {}, other_label, "--", theirs),
+        ):
+            for stage, colour in colours.items():
                 points = runs.get(f"{stage}/{family}")
                 if not points:
                     continue
@@ -121,8 +126,8 @@ def plot_curves(
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
+    if title or other:
+        fig.suptitle(f"{title}: {label} vs {other_label}" if other else title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -201,7 +201,7 @@ def test_wheel_trains_an_mlp_in_a_venv_with_torch_alone(wheel: Path, tmp_path: P
         assert "pip install manualbp[lightning]" in out, out
         assert "the 'triton' package is not installed (pip install manualbp[triton])" in out, out
         # The console scripts: the bench's --help needs torch only; manualbp-train names its extra.
-        usage = _run(venv / "bin" / "manualbp-bench", "--help", cwd=tmp_path, env=env)
+        usage = _run(venv / "bin" / "manualbp-bench", "--help", cwd=tmp_path, env={**env, "COLUMNS": "200"})
         assert usage.startswith("usage: manualbp-bench") and "(default: bench-results)" in usage
         train = run_bounded([venv / "bin" / "manualbp-train", "--help"], cwd=tmp_path, env=env,
                             idle_timeout=600)  # fmt: skip

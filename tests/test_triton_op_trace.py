@@ -36,6 +36,9 @@ import torch
 from manualbp.activations import get_activation
 from tests.processes import run_bounded
 
+# Slow: one subprocess traces ~300 op variants (minutes on 2 busy cores); `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT_SHAPE = (8192, 32, 48)  # M, K, N: one 128×128 output tile on 132 SMs → 4 ranges of M
 ODD_SHAPE = (130, 33, 65)  # no split; every dimension off the tile grid

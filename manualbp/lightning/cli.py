@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 try:
+    import jsonargparse  # noqa: F401  (lightning.pytorch.cli imports without it, then fails late)
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-except ImportError as err:  # jsonargparse is imported by lightning.pytorch.cli
+except ImportError as err:
     raise ImportError(
         f"manualbp-train needs the 'lightning' extra ({err.name} is not installed): "
         "pip install manualbp[lightning]"
@@ -213,9 +214,9 @@ def _csv_logger(trainer: pl.Trainer) -> CSVLogger | None:
 
 def main(args: ArgsType = None, run: bool = True) -> LightningCLI:
     """The CLI; `args` (a list or dict) replaces sys.argv, e.g. in tests."""
-    if args is None:
-        args = sys.argv[1:]
-    if isinstance(args, (list, tuple)):
+    if args is None:  # the command line: rewritten in place (DDP's launcher re-runs sys.argv)
+        sys.argv[1:] = _resolve_config_args(sys.argv[1:])
+    elif isinstance(args, (list, tuple)):
         args = _resolve_config_args([str(a) for a in args])
     with quiet_third_party():
         return ManualBPCLI(

@@ -180,14 +180,13 @@ class ManualBPCLI(LightningCLI):
             return
         csv = _csv_logger(trainer)
         run_dir = Path(csv.log_dir) if csv is not None else None
-        metrics_csv = run_dir / "metrics.csv" if run_dir is not None else None
-        if metrics_csv is not None and metrics_csv.is_file() and self._get(self.config, "plot"):
-            ours = read_metrics(metrics_csv)
+        if run_dir is not None and (run_dir / "metrics.csv").is_file() and self._get(self.config, "plot"):
+            ours = read_metrics(run_dir / "metrics.csv")
             backend = str(self.model.hparams.get("backend", "")) or "this run"
-            other = find_comparison(run_dir, dict(self.model.hparams))  # type: ignore[arg-type]
+            other = find_comparison(run_dir, dict(self.model.hparams))
             theirs = read_metrics(other[1] / "metrics.csv") if other is not None else None
             self.curves_path = plot_curves(
-                ours, run_dir / "curves.png", label=backend,  # type: ignore[operator]
+                ours, run_dir / "curves.png", label=backend,
                 other=theirs, other_label=other[0] if other is not None else None,
                 title=self._get(self.config, "run_name"),
             )  # fmt: skip

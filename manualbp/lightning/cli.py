@@ -63,6 +63,7 @@ _NOISE = (
 _WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r".*`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     (r".*LeafSpec.* is deprecated", FutureWarning),
+    (r"Starting from v1\.9\.0, `tensorboardX` has been removed", Warning),  # a warning, when logger=True
 )
 _LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 

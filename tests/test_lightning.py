@@ -568,3 +568,11 @@ def test_cli_fit_prints_a_summary_and_draws_manual_vs_native(tmp_path, monkeypat
     assert resolve_config("digits.yaml") == str(CONFIGS / "digits.yaml")
     with pytest.raises(FileNotFoundError, match=r"--config: 'nope' is neither a file nor a packaged"):
         resolve_config("nope")
+
+
+def test_resumable_loader_with_more_ranks_than_examples():
+    data = torch.utils.data.TensorDataset(torch.arange(3, dtype=torch.float64).unsqueeze(1))
+    shards = [ResumableLoader(data, 2, seed=0, num_replicas=8, rank=r).shard_order(0) for r in range(8)]
+    assert all(len(s) == 1 for s in shards)  # every rank gets one example, as DistributedSampler
+    order = ResumableLoader(data, 2, seed=0).epoch_order(0)
+    assert torch.equal(torch.cat(shards), order.repeat(3)[:8])

@@ -150,8 +150,8 @@ class ResumableLoader:
         if self.num_replicas == 1:
             return order
         total = self.shard_size * self.num_replicas
-        if total > len(order):  # wrap around, as DistributedSampler pads
-            order = torch.cat([order, order[: total - len(order)]])
+        if total > len(order):  # wrap around (more than once if need be), as DistributedSampler pads
+            order = order.repeat(-(-total // len(order)))[:total]
         return order[self.rank : total : self.num_replicas]
 
     def _next_position(self) -> tuple[int, int]:
@@ -186,8 +186,8 @@ class ResumableLoader:
         if replicas != self.num_replicas:
             raise ValueError(
                 f"state['num_replicas']: the checkpoint was saved by {replicas!r} data-parallel "
-                f"processes; expected {self.num_replicas}, the world size of this run (a batch "
-                "count of one world size is another position under another)"
+                f"processes; expected {self.num_replicas}, the world size of this run (under another "
+                "world size, the count of batches served would point at other examples)"
             )
         epoch, served = state["epoch"], state["served"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < -1:

@@ -190,7 +190,7 @@ def test_wheel_trains_an_mlp_in_a_venv_with_torch_alone(wheel: Path, tmp_path: P
     try:
         _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
         python = venv / "bin" / "python"
-        pip = (sys.executable, "-m", "pip", "--python", python, "install", "--quiet")
+        pip = (sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile")
         # torch from this machine's wheel cache (pinned by constraints.txt: never a CUDA build).
         _run(*pip, "-c", REPO / "constraints.txt", "torch==2.13.0", cwd=tmp_path)
         _run(*pip, "--no-deps", wheel, cwd=tmp_path)

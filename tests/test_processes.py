@@ -37,18 +37,19 @@ def test_children_left_running_are_killed_after_a_normal_exit() -> None:
 
 def test_silence_kills_the_whole_group_and_fails_the_test() -> None:
     code = ORPHAN + "import time; time.sleep(600)\n"  # then silence
-    killed = r"killed \(process group \d+\): no output for 2 s"
+    # 10 s: ample for the start-up and the first line even on a loaded machine.
+    killed = r"killed \(process group \d+\): no output for 10 s"
     with pytest.raises(pytest.fail.Exception, match=killed) as failed:
-        run_bounded([sys.executable, "-c", code], idle_timeout=2)
+        run_bounded([sys.executable, "-c", code], idle_timeout=10)
     grandchild = int(str(failed.value).split("--- stdout (tail)\n")[1].split()[0])
     assert not _alive(grandchild)
 
 
 def test_output_keeps_a_command_alive_past_the_idle_timeout() -> None:
-    # Prints every 0.5 s for about 6 s in all: far past the 3 s idle timeout, never silent for it.
-    code = "import time\nfor i in range(12):\n    print(i, flush=True)\n    time.sleep(0.5)\n"
-    done = run_bounded([sys.executable, "-c", code], idle_timeout=3)
-    assert done.returncode == 0 and done.stdout.split() == [str(i) for i in range(12)]
+    # Prints every 0.25 s for 8 s of sleeps in all: twice the 4 s idle timeout, never silent for it.
+    code = "import time\nfor i in range(32):\n    print(i, flush=True)\n    time.sleep(0.25)\n"
+    done = run_bounded([sys.executable, "-c", code], idle_timeout=4)
+    assert done.returncode == 0 and done.stdout.split() == [str(i) for i in range(32)]
 
 
 def test_hard_timeout_and_bad_arguments() -> None:

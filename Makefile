@@ -1,16 +1,18 @@
-# Two commands for users (README): `make demo` and `make test`.
+# Two commands for users (README): `make demo` and `make test`; `make test-fast` for the edit loop.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Every pip call passes it: an open-ended torch requirement would pull a multi-GB CUDA build.
+PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned: an open-ended requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	# torch first and pinned (the CPU build on a machine without CUDA), then every extra.
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
 
 setup: $(BIN)/python
 
@@ -20,5 +22,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
 
+# Everything but the ahead-of-time compiles and the slow tests (fresh venvs, DDP).
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -q -m "not aot and not slow"
+
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy

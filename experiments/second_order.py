@@ -185,6 +185,7 @@ def run_lightning(problem: Problem, seed: int, optimizer: str, lr: float, max_ep
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
+    from manualbp.lightning.cli import quiet_third_party
     from manualbp.lightning.second_order import SecondOrderRegressor, full_batch_loader
 
     torch.manual_seed(seed)
@@ -196,18 +197,19 @@ def run_lightning(problem: Problem, seed: int, optimizer: str, lr: float, max_ep
         patience=max_epochs,
         check_on_train_epoch_end=True,
     )
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[stop],
-    )
-    start = time.perf_counter()
-    trainer.fit(module, full_batch_loader(problem.x, problem.y))
-    seconds = time.perf_counter() - start
+    with quiet_third_party():  # Lightning's tips and known third-party warnings
+        trainer = L.Trainer(
+            max_epochs=max_epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[stop],
+        )
+        start = time.perf_counter()
+        trainer.fit(module, full_batch_loader(problem.x, problem.y))
+        seconds = time.perf_counter() - start
     final = float(trainer.callback_metrics["train_mse"])
     return {"epochs": trainer.current_epoch, "final": final, "seconds": seconds}
 

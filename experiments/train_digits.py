@@ -3,25 +3,25 @@
     python -m experiments.train_digits                  # = make demo
     python -m experiments.train_digits --trainer.max_epochs 20 --model.init_args.backend native
 
-A thin wrapper over `experiments.train` with experiments/configs/digits.yaml (any extra argument
-is a LightningCLI override). After `fit` it prints the validation accuracy and, on one
-validation batch, the largest relative difference between manualbp's gradients and native
-autograd's in float64, next to what native autograd itself reaches in the model's dtype.
+A thin wrapper over `manualbp-train fit --config digits` (any extra argument is a LightningCLI
+override). After the run's summary line it prints, on one validation batch, the largest relative
+difference between manualbp's gradients and native autograd's in float64, next to what native
+autograd itself reaches in the model's dtype; parameters are named by their state_dict keys in
+the network (``layers.1.weight``).
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-from experiments.train import main as cli_main
-from manualbp.lightning.callbacks import native_gradients, parity_name, relative_differences
+from manualbp.lightning.callbacks import native_gradients, relative_differences
+from manualbp.lightning.cli import CONFIGS_DIR
+from manualbp.lightning.cli import main as cli_main
 from manualbp.lightning.modules import MLPClassifier
 
-CONFIG = Path(__file__).resolve().parent / "configs" / "digits.yaml"
+CONFIG = CONFIGS_DIR / "digits.yaml"
 
 
 def _largest(values: dict[str, float]) -> tuple[str, float]:
@@ -39,7 +39,6 @@ def gradient_report(model: MLPClassifier, batch: tuple[torch.Tensor, torch.Tenso
     ours_name, ours_diff = _largest(relative_differences(dict(zip(params, ours)), reference))
     _, native_diff = _largest(relative_differences(native_gradients(model, batch), reference))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    ours_name = parity_name(ours_name)
     return (
         f"gradients on one validation batch ({len(x)} examples), relative difference to native "
         f"autograd in float64:\n"
@@ -50,17 +49,9 @@ def gradient_report(model: MLPClassifier, batch: tuple[torch.Tensor, torch.Tenso
 
 def main(argv: list[str] | None = None) -> None:
     extra = sys.argv[1:] if argv is None else argv
-    start = time.perf_counter()
-    cli = cli_main(["fit", "--config", str(CONFIG), *extra])
-    seconds = time.perf_counter() - start
-    trainer, model = cli.trainer, cli.model
-    accuracy = trainer.callback_metrics["val/acc"].item()
-    print(
-        f"\ndigits, {model.backend} backward: validation accuracy {accuracy:.2%} after "
-        f"{trainer.current_epoch} epochs ({trainer.global_step} steps, {seconds:.1f} s)"
-    )
+    cli = cli_main(["fit", "--config", str(CONFIG), *extra])  # prints the run's summary line
     batch = next(iter(cli.datamodule.val_dataloader()))
-    print(gradient_report(model, batch))
+    print(gradient_report(cli.model, batch))
 
 
 if __name__ == "__main__":

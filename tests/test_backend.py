@@ -11,6 +11,7 @@ import torch
 import manualbp as mbp
 from manualbp import backends
 from manualbp.backends import reference
+from tests.processes import run_bounded
 
 
 def test_default_and_set_backend():
@@ -70,9 +71,7 @@ def test_unknown_backend_name(bad):
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MANUALBP_BACKEND")}
-    return subprocess.run(
-        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120
-    )
+    return run_bounded([sys.executable, "-c", code], env={**clean, **env}, idle_timeout=600)
 
 
 def test_env_var_selects_backend():

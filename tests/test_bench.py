@@ -237,3 +237,20 @@ def test_forward_vs_reverse_script_writes_csv_and_png(tmp_path: Path) -> None:
     assert {r["method"] for r in rows} == set(fvr.METHODS) and len(rows) == 2 * len(fvr.METHODS)
     assert all(float(r["max_rel_err_vs_reverse"]) <= 1e-10 and float(r["seconds"]) > 0 for r in rows)
     assert (tmp_path / "forward_vs_reverse.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_shows_defaults_and_the_program_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from manualbp.bench.__main__ import build_parser, program_name
+
+    assert program_name("/venv/bin/manualbp-bench") == "manualbp-bench"
+    assert program_name("/site-packages/manualbp/bench/__main__.py") == "python -m manualbp.bench"
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal width
+    text = build_parser(prog="manualbp-bench").format_help()
+    assert text.startswith("usage: manualbp-bench ")
+    for default in ("(default: bench-results)", "(default: bench)", "(default: 4)", "(default: 0)",
+                    "(default: layer mlp loss memory)", "(default: 25.0)"):  # fmt: skip
+        assert default in text, default
+    # Options whose help spells out their default, or that have none, are left alone.
+    assert "(default: None)" not in text and "(default: False)" not in text
+    args = build_parser().parse_args([])
+    assert args.out == Path("bench-results")  # relative: the working directory, not the package

@@ -1,9 +1,10 @@
 """The kernels folder installs under manualbp's namespace, never as the top-level `triton_kernels`."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.processes import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,12 +17,10 @@ def test_triton_kernels_import_path():
         "print(importlib.util.find_spec('triton_kernels') is None or "
         "'manualbp' not in (importlib.util.find_spec('triton_kernels').origin or ''))"
     )
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-c", code],
         cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=120,
+        idle_timeout=600,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert result.returncode == 0, result.stderr
@@ -39,6 +38,6 @@ def test_package_imports_without_triton():
         "manualbp.MLP([2, 4, 1])(x).sum().backward()\n"
         "print(x.grad.shape)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = run_bounded([sys.executable, "-c", code], idle_timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch.Size([3, 2])"

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.processes import run_bounded
 
 # (kernel, dtype, activation, flags) of `manualbp.triton_kernels.aot.Variant`: every kernel, with
 # the flags that give it the most pointers (bias, split partials, a previous layer's saved tensor).
@@ -101,6 +102,7 @@ ir = {}
 for name, src, options in jobs:
     kernel = triton.compile(src, target=target, options=options)
     ir[name] = {"ttir": kernel.asm["ttir"], "llir": kernel.asm["llir"]}
+    print("compiled", name, flush=True)  # progress: the test's timeout is tied to these lines
 json.dump(ir, open(out, "w"))
 '''
 
@@ -115,9 +117,9 @@ def compiled_ir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     env["PYTHONPATH"] = os.pathsep.join([str(work), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = work / "ir.json"
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, str(work / "compile.py"), json.dumps(VARIANTS), str(out)],
-        capture_output=True, text=True, timeout=540, env=env, cwd=work,
+        idle_timeout=900, env=env, cwd=work,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())

@@ -25,6 +25,7 @@ from manualbp.lightning import (
     MLPRegressor,
     NativeMLP,
     RegressionDataModule,
+    ResumableLoader,
     SavedActivationMemoryCallback,
     gradient_parity,
 )
@@ -32,7 +33,7 @@ from manualbp.lightning.data import regression_target, split_indices
 from manualbp.nn import MLP
 from tests.helpers import TOL, rel_err
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "manualbp" / "lightning" / "configs"
 DIGITS_SIZES = [64, 32, 10]
 
 
@@ -204,7 +205,7 @@ def test_module_gradients_match_native_float64(module_class, activation, loss):
     sizes = [data.num_features, 9, 6, 10 if module_class is MLPClassifier else 1]
     model = module_class(sizes, activation=activation, **kwargs).double()
     parity = gradient_parity(model, _batch(data))
-    assert set(parity) == {f"layer{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    assert set(parity) == {f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
     assert max(parity.values()) <= TOL[torch.float64], parity
     # The native backend's loss is the manual one's, value for value.
     x, target = _batch(data)
@@ -321,13 +322,13 @@ def test_parity_callback_logs_every_layer(tmp_path):
         log_every_n_steps=1,
     ).fit(model, DigitsDataModule(batch_size=32))
     assert [step for step, _ in parity.history] == [0, 2, 4]
-    names = {f"layer{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    names = {f"layers.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
     for _, values in parity.history:
         assert set(values) == names
         assert max(values.values()) <= DEFAULT_PARITY_THRESHOLDS[torch.float64]
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    logged = [row for row in rows if row.get("parity/layer0.weight")]
+    logged = [row for row in rows if row.get("parity/layers.0.weight")]
     assert [int(row["step"]) for row in logged] == [0, 2, 4]
     assert {f"parity/{n}" for n in names} | {"parity/max"} <= set(rows[0])
 
@@ -339,13 +340,13 @@ def test_parity_callback_raises_on_a_broken_gradient(precision):
     model = MLPClassifier(DIGITS_SIZES)
     model.net.layers[1].weight.register_hook(lambda grad: grad * 1.01)
     parity = GradientParityCallback(every_n_steps=1)
-    with pytest.raises(RuntimeError, match=r"gradient parity: layer1\.weight differs .* at step 0"):
+    with pytest.raises(RuntimeError, match=r"gradient parity: layers\.1\.weight differs .* at step 0"):
         _trainer(max_steps=2, precision=precision, limit_val_batches=0, callbacks=[parity]).fit(
             model, DigitsDataModule(batch_size=32)
         )
     (step, values), *_ = parity.history
-    assert step == 0 and math.isclose(values["layer1.weight"], 0.01, rel_tol=1e-3)
-    assert values["layer0.weight"] <= TOL[PRECISION_DTYPE[precision]]
+    assert step == 0 and math.isclose(values["layers.1.weight"], 0.01, rel_tol=1e-3)
+    assert values["layers.0.weight"] <= TOL[PRECISION_DTYPE[precision]]
 
 
 def test_parity_callback_raises_when_delta_is_wrong(monkeypatch):
@@ -354,11 +355,11 @@ def test_parity_callback_raises_when_delta_is_wrong(monkeypatch):
     correct = Activation.delta
     monkeypatch.setattr(Activation, "delta", lambda self, grad, saved: correct(self, grad, saved) * 1.01)
     parity = GradientParityCallback(every_n_steps=1)
-    with pytest.raises(RuntimeError, match=r"gradient parity: layer0\.weight differs .* at step 0"):
+    with pytest.raises(RuntimeError, match=r"gradient parity: layers\.0\.weight differs .* at step 0"):
         _trainer(max_steps=2, precision="64-true", limit_val_batches=0, callbacks=[parity]).fit(
             MLPClassifier(DIGITS_SIZES), DigitsDataModule(batch_size=32)
         )
-    assert math.isclose(parity.history[0][1]["layer0.weight"], 0.01, rel_tol=1e-3)
+    assert math.isclose(parity.history[0][1]["layers.0.weight"], 0.01, rel_tol=1e-3)
 
 
 def test_saved_activation_memory_callback_counts_activations():
@@ -382,7 +383,7 @@ def test_saved_activation_memory_callback_counts_activations():
 
 
 def test_cli_fit_linear_neuron_then_resume(tmp_path, monkeypatch):
-    from experiments.train import main
+    from manualbp.lightning.cli import main
 
     monkeypatch.setattr(sys, "argv", ["train"])  # pytest's own arguments are not the CLI's
     args = [
@@ -429,8 +430,149 @@ def test_cli_fit_linear_neuron_then_resume(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("config", ["digits.yaml", "regression.yaml", "linear_neuron.yaml"])
 def test_configs_parse(config):
-    from experiments.train import main
+    from manualbp.lightning.cli import main
 
     cli = main(["--config", str(CONFIGS / config), "--trainer.logger=false"], run=False)
     assert cli.model.hparams.backend == "manual"
     assert any(isinstance(c, GradientParityCallback) for c in cli.trainer.callbacks)
+
+
+# ------------------------------------------------------------------------------- data parallel
+
+
+def _served(loader: ResumableLoader, batches: int | None = None) -> list[torch.Tensor]:
+    out = []
+    for i, batch in enumerate(loader):
+        out.append(batch[0])
+        if batches is not None and i + 1 == batches:
+            break
+    return out
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_resumable_loader_shards_like_distributed_sampler(replicas):
+    n = 101  # not a multiple of 2 or 3: the shards are padded by wrapping around
+    data = torch.utils.data.TensorDataset(torch.arange(n, dtype=torch.float64).unsqueeze(1))
+    loaders = [ResumableLoader(data, 8, seed=5, num_replicas=replicas, rank=r) for r in range(replicas)]
+    shard = -(-n // replicas)
+    assert all(loader.shard_size == shard and len(loader) == -(-shard // 8) for loader in loaders)
+    for epoch in (0, 1):
+        shards = [loader.shard_order(epoch) for loader in loaders]
+        # DistributedSampler's layout of the same permutation: rank r takes r, r + R, r + 2R, ...
+        order = ResumableLoader(data, 8, seed=5).epoch_order(epoch)
+        padded = torch.cat([order, order[: shard * replicas - n]])
+        for r, indices in enumerate(shards):
+            assert torch.equal(indices, padded[r::replicas])
+        # One epoch over the ranks covers the data set once, plus the < R padding examples.
+        assert sorted(torch.cat(shards).unique().tolist()) == list(range(n))
+        assert len(torch.cat(shards)) == shard * replicas < n + replicas
+    # What each rank serves is its shard, in order.
+    served = torch.cat(_served(loaders[1])).squeeze(1).long()
+    assert torch.equal(served, loaders[1].shard_order(0))
+
+
+def test_resumable_loader_resumes_a_shard_mid_epoch_bit_identically():
+    data = torch.utils.data.TensorDataset(torch.randn(203, 4))
+    uninterrupted = ResumableLoader(data, 16, seed=1, num_replicas=2, rank=1)
+    reference = _served(uninterrupted) + _served(uninterrupted)  # epochs 0 and 1
+    first = ResumableLoader(data, 16, seed=1, num_replicas=2, rank=1)
+    head = _served(first, batches=3)
+    state = first.state_dict()
+    assert state == {"epoch": 0, "served": 3, "num_replicas": 2}
+    resumed = ResumableLoader(data, 16, seed=1, num_replicas=2, rank=1)
+    resumed.load_state_dict(state)
+    tail = _served(resumed) + _served(resumed)
+    assert len(head + tail) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, reference))
+
+    other_world = ResumableLoader(data, 16, seed=1, num_replicas=4, rank=0)
+    with pytest.raises(ValueError, match=r"num_replicas.*saved by 2 .*expected 4"):
+        other_world.load_state_dict(state)
+    single = ResumableLoader(data, 16, seed=1)
+    single.load_state_dict({"epoch": 0, "served": 2})  # a checkpoint from before sharding: 1 process
+    with pytest.raises(ValueError, match="rank: expected an int in"):
+        ResumableLoader(data, 16, seed=1, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="num_replicas: expected a positive int"):
+        ResumableLoader(data, 16, seed=1, num_replicas=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_each_train_on_half_the_data(tmp_path):
+    import json
+    import os
+    import socket
+
+    from tests.ddp_fit import fit
+    from tests.processes import run_bounded
+
+    single = fit(1)
+    single_steps = single.global_step
+    assert single_steps == len(single.train_dataloader) == math.ceil(1079 / 32)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    root = Path(__file__).resolve().parents[1]
+    done = run_bounded(
+        [sys.executable, "-m", "tests.ddp_fit", "2", tmp_path], cwd=root, env=env, idle_timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, record in enumerate(ranks):
+        assert (record["rank"], record["world_size"], record["num_replicas"]) == (r, 2, 2)
+        assert record["global_step"] == record["len"] == math.ceil(math.ceil(1079 / 2) / 32)
+    # The step count halves (34 → 17), and the two shards together are the data set once.
+    assert ranks[0]["global_step"] == math.ceil(single_steps / 2)
+    shards = [set(record["shard"]) for record in ranks]
+    assert shards[0] | shards[1] == set(range(1079))
+    assert len(shards[0] & shards[1]) <= 1  # the one padding example of an odd data set
+
+
+def test_cli_fit_prints_a_summary_and_draws_manual_vs_native(tmp_path, monkeypatch, capsys, caplog):
+    import logging
+    import warnings
+
+    from manualbp.lightning.cli import main, resolve_config
+    from manualbp.lightning.plots import find_comparison, read_metrics
+
+    monkeypatch.setattr(sys, "argv", ["manualbp-train"])
+    args = ["fit", "--config", "linear_neuron", "--runs_dir", str(tmp_path), "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manual = main(args)
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "linear_neuron" / "version_0"
+    (line,) = [row for row in out.splitlines() if row.startswith("linear_neuron: ")]
+    assert line.startswith("linear_neuron: manual backward, 2 epochs (20 steps) in ")
+    assert f"outputs in {run_dir} (metrics.csv, checkpoints/, curves.png)" in line
+    assert "val/loss " in line and "train/loss " in line and manual.summary == line
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [epoch for epoch, _ in read_metrics(run_dir / "metrics.csv")["val/loss"]] == [0, 1]
+    # Lightning's advertising and the LeafSpec FutureWarning are silenced inside the entry point...
+    assert "Tip:" not in caplog.text
+    assert not [w for w in caught if "LeafSpec" in str(w.message)], [str(w.message) for w in caught]
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        assert not logging.getLogger(name).filters  # ...and only there
+
+    native = main([*args, "--model.init_args.backend", "native", "--run_name", "native"])
+    native_dir = tmp_path / "native" / "version_0"
+    assert find_comparison(native_dir, dict(native.model.hparams)) == ("manual", run_dir)
+    assert native.curves_path == native_dir / "curves.png" and native.curves_path.is_file()
+    assert "native: native backward, 2 epochs (20 steps)" in capsys.readouterr().out
+
+    assert resolve_config("digits") == str(CONFIGS / "digits.yaml")
+    assert resolve_config("digits.yaml") == str(CONFIGS / "digits.yaml")
+    with pytest.raises(FileNotFoundError, match=r"--config: 'nope' is neither a file nor a packaged"):
+        resolve_config("nope")
+
+
+def test_resumable_loader_with_more_ranks_than_examples():
+    data = torch.utils.data.TensorDataset(torch.arange(3, dtype=torch.float64).unsqueeze(1))
+    shards = [ResumableLoader(data, 2, seed=0, num_replicas=8, rank=r).shard_order(0) for r in range(8)]
+    assert all(len(s) == 1 for s in shards)  # every rank gets one example, as DistributedSampler
+    order = ResumableLoader(data, 2, seed=0).epoch_order(0)
+    assert torch.equal(torch.cat(shards), order.repeat(3)[:8])

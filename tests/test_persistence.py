@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 import manualbp as mbp
 from manualbp.functional import cross_entropy
 from manualbp.lightning import ResumableLoader
+from tests.processes import run_bounded
 
 BACKENDS = ["torch", "triton"]
 
@@ -144,9 +144,7 @@ def test_whole_model_loads_in_a_fresh_process(tmp_path: Path) -> None:
         f"torch.save(m(x).detach(), {str(tmp_path / 'out.pt')!r})\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MANUALBP_BACKEND"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
+    result = run_bounded([sys.executable, "-c", code], env=env, idle_timeout=600)
     assert result.returncode == 0, result.stderr
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 

@@ -8,11 +8,12 @@ each such line must appear in the example's stdout, in order. Examples run in a 
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import run_bounded
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
@@ -38,9 +39,7 @@ def test_readme_has_examples() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index: int, tmp_path: Path) -> None:
     code = BLOCKS[index]
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600
-    )
+    proc = run_bounded([sys.executable, "-c", code], cwd=tmp_path, idle_timeout=900)
     assert proc.returncode == 0, f"README example {index} failed:\n{code}\n{proc.stderr[-3000:]}"
     lines = [line.strip() for line in proc.stdout.splitlines()]
     position = 0

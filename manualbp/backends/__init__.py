@@ -89,7 +89,7 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton backend can run on `device`, and why not if it cannot."""
     module = triton_module()
     if module is None:
-        return False, "the Triton backend is not available: the 'triton' package is not installed"
+        return False, "the 'triton' package is not installed (pip install manualbp[triton])"
     return module.is_available(device)
 
 

@@ -65,7 +65,7 @@ def is_available(device: torch.device | str) -> tuple[bool, str]:
     """(True, "") when the kernels can run on tensors of `device`, else (False, reason)."""
     device = torch.device(device)
     if importlib.util.find_spec("triton") is None:
-        return False, "the 'triton' package is not installed"
+        return False, "the 'triton' package is not installed (pip install manualbp[triton])"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available in this PyTorch build or on this machine"

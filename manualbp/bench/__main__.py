@@ -4,7 +4,7 @@ Examples::
 
     # CPU, small shapes, no Triton:
     python -m manualbp.bench --device cpu --shapes 128x128x128 512x512x512 \\
-        --contenders manualbp-torch native compile --out experiments/results --name bench_cpu
+        --contenders manualbp-torch native compile --name bench_cpu    # into ./bench-results
 
     # CUDA, square shapes from the M/N/K lists' product, two dtypes:
     python -m manualbp.bench -M 1024 4096 -N 4096 -K 4096 --dtypes bfloat16 float32
@@ -36,13 +36,36 @@ def _shape(text: str) -> tuple[int, int, int]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def program_name(argv0: str | None = None) -> str:
+    """How the user started us: ``manualbp-bench`` (console script) or ``python -m manualbp.bench``."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    module_run = Path(argv0).name in ("__main__.py", "-m", "-c", "")
+    return "python -m manualbp.bench" if module_run else "manualbp-bench"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where the help already says them or there is none (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is d for d in (None, False, argparse.SUPPRESS)):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(d) for d in default)
+        return f"{text} (default: {default})"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m manualbp.bench",
+        prog=prog or program_name(),
         description="Time manualbp's layers against native PyTorch and torch.compile, "
-        "after checking every contender's output and gradients.",
+        "after checking every contender's output and gradients. Writes NAME.csv, NAME.md and "
+        "NAME.png into --out.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--suites", nargs="+", choices=SUITE_NAMES, default=list(SUITE_NAMES))
+    parser.add_argument("--suites", nargs="+", choices=SUITE_NAMES, default=list(SUITE_NAMES),
+                        help="what to time")  # fmt: skip
     parser.add_argument("--shapes", nargs="+", type=_shape, metavar="MxNxK",
                         help="explicit (M, N, K) shapes; overrides -M/-N/-K")  # fmt: skip
     parser.add_argument("--loss-shapes", nargs="+", type=_shape, metavar="MxNxK",
@@ -50,13 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-M", nargs="+", type=int, default=None, help="rows (batch); product with -N/-K")
     parser.add_argument("-N", nargs="+", type=int, default=None, help="output features (classes for loss)")
     parser.add_argument("-K", nargs="+", type=int, default=None, help="input features")
-    parser.add_argument("--depth", type=int, default=4, help="layers of the mlp suite's MLP (default 4)")
+    parser.add_argument("--depth", type=int, default=4, help="layers of the mlp suite's MLP")
     parser.add_argument("--dtypes", nargs="+", default=None,
                         help="float32 float16 bfloat16 float64 "
                         "(default: bfloat16 float32 on CUDA, float32 on CPU)")  # fmt: skip
-    parser.add_argument("--activations", nargs="+", default=["gelu"])
+    parser.add_argument("--activations", nargs="+", default=["gelu"], help="activations of the layers")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDER_NAMES,
-                        default=["manualbp-triton", "manualbp-torch", "native", "compile"])  # fmt: skip
+                        default=["manualbp-triton", "manualbp-torch", "native", "compile"],
+                        help="what is timed")  # fmt: skip
     parser.add_argument("--memory-contenders", nargs="+", choices=CONTENDER_NAMES, default=None,
                         help="contenders of the memory suite (default: --contenders)")  # fmt: skip
     parser.add_argument("--max-autotune", action="store_true",
@@ -64,21 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interpreter", action="store_true",
                         help="run the Triton contender on CPU under TRITON_INTERPRET=1 (slow)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="output folder, created if missing")  # fmt: skip
     parser.add_argument("--name", default="bench", help="file stem: NAME.csv, NAME.md, NAME.png")
     parser.add_argument("--rep-ms", type=float, default=None,
                         help="measuring time per timing, ms: do_bench's rep on CUDA (default 100), "
                         "blocked_autorange's min_run_time on CPU (default 200)")  # fmt: skip
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per timing, ms")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the CPU runs (default: torch's own)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this long; the rest become 'skipped' rows")  # fmt: skip
     parser.add_argument("--note", default="", help="a line for the Markdown header")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the peak/bandwidth measurement")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="skip NAME.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -129,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot=not args.no_plot,
         progress=not args.no_progress,
         time_budget_s=args.time_budget if args.time_budget is not None else float("inf"),
-        command="python -m manualbp.bench " + shlex.join(arguments),
+        command=f"{program_name()} {shlex.join(arguments)}",
     )
     result = run_benchmark(config)
     counts: dict[str, int] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib.metadata
+import importlib.util
 import itertools
 import math
 import platform
@@ -276,7 +277,9 @@ def _run(config: BenchConfig) -> BenchResult:
     paths = [out / f"{config.name}.csv", out / f"{config.name}.md"]
     write_csv(rows, paths[0])
     write_markdown(rows, paths[1], _header(config, tags, ceilings))
-    if config.plot:
+    if config.plot and importlib.util.find_spec("matplotlib") is None:
+        print(f"no {config.name}.png: matplotlib is not installed (pip install manualbp[bench])")
+    elif config.plot:
         png = out / f"{config.name}.png"
         peaks = {dtype_name(d): p for d, p in ceilings.peak_flops.items()} if ceilings else {}
         title = f"manualbp bench — {tags['device']} — torch {tags['torch']} — {tags['date']}"

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 __all__ = ["Ceilings", "Timing", "measure", "measure_ceilings", "rotations", "synchronize"]
@@ -64,8 +63,8 @@ def measure(fn: Callable[[], object], device: torch.device, warmup_ms: float, re
         fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=rep_ms / 1e3)
-    times = np.asarray(measurement.times) * 1e3
-    q20, q80 = np.quantile(times, [0.2, 0.8])
+    times = torch.tensor(measurement.times, dtype=torch.float64) * 1e3
+    q20, q80 = torch.quantile(times, torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
     return Timing(float(measurement.median * 1e3), float(q20), float(q80))
 
 

@@ -6,7 +6,19 @@ DataModules (no downloads): `DigitsDataModule`, `RegressionDataModule`, `LinearN
 their train loader, `ResumableLoader`, resumes mid-epoch exactly from a Lightning checkpoint.
 LightningModules: `MLPClassifier`, `MLPRegressor` (backend "manual" or "native", same init).
 Callbacks: `GradientParityCallback`, `SavedActivationMemoryCallback`.
+The `manualbp-train` command: :mod:`manualbp.lightning.cli`.
+
+Needs the 'lightning' extra: ``pip install manualbp[lightning]``.
 """
+
+try:
+    import lightning.pytorch  # noqa: F401
+    import torchmetrics  # noqa: F401
+except ImportError as _err:
+    raise ImportError(
+        f"manualbp.lightning needs the 'lightning' extra ({_err.name} is not installed): "
+        "pip install manualbp[lightning]"
+    ) from _err
 
 from manualbp.lightning.callbacks import (
     DEFAULT_PARITY_THRESHOLDS,

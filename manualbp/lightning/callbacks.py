@@ -2,7 +2,7 @@
 
 * `GradientParityCallback` — every n steps, recomputes the step's gradients with native autograd
   on a float64 copy of the model and logs the relative difference of each parameter's gradient
-  (``parity/layer{i}.weight``, ``parity/layer{i}.bias``, ``parity/max``); fails the run with a
+  (``parity/layers.{i}.weight``, ``parity/layers.{i}.bias``, ``parity/max``); fails the run with a
   RuntimeError when one passes the threshold for the model's dtype.
 * `SavedActivationMemoryCallback` — logs how many bytes autograd keeps for backward per step
   (``memory/saved_bytes``), counted with `torch.autograd.graph.saved_tensors_hooks`.
@@ -54,10 +54,8 @@ class ParityModule(Protocol):
 
 
 def parity_name(param_name: str) -> str:
-    """``layers.0.weight`` (the parameter's name in `net`) → ``layer0.weight`` (its log name)."""
-    parts = param_name.split(".")
-    if len(parts) == 3 and parts[0] == "layers":
-        return f"layer{parts[1]}.{parts[2]}"
+    """The log and report name of a parameter: its name in `net`, which is its state_dict key
+    there (``layers.0.weight``), so a report names exactly what a checkpoint holds."""
     return param_name
 
 
@@ -124,7 +122,7 @@ class GradientParityCallback(pl.Callback):
     On a checked step it keeps the batch and, once backward has filled `.grad` (just before the
     optimiser step), recomputes the gradients with native autograd on a float64 copy of the
     network — the reference of DESIGN.md — and logs ``parity/<param>`` (e.g.
-    ``parity/layer0.weight``) for each parameter and ``parity/max``. `history` keeps
+    ``parity/layers.0.weight``) for each parameter and ``parity/max``. `history` keeps
     (step, {name: value}).
 
     It raises RuntimeError, naming the parameter, step, value and limit, when a difference passes

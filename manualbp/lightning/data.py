@@ -14,6 +14,15 @@ values; `Trainer(precision="64-true")` converts them to float64 on the way in.
 (seed, e), and its `state_dict` (epoch, batches served) goes into Lightning's checkpoints, so a run
 interrupted mid-epoch and resumed from its checkpoint sees exactly the batches it would have seen,
 and ends on the same weights bit for bit. Validation and test use plain, unshuffled DataLoaders.
+
+Under DDP (`Trainer(strategy="ddp", devices=N)`) the train loader shards each epoch as
+`torch.utils.data.DistributedSampler` does (`drop_last=False`): every rank draws the same
+(seed, epoch) permutation, pads it by wrapping around to a multiple of the world size, and takes
+every world-size-th index from its rank on. So each rank gets ⌈n / N⌉ examples an epoch and the
+same number of batches, and one epoch across the ranks covers the data set once (plus at most
+N − 1 repeated examples). The rank and world size come from the Trainer the data module is
+attached to (or from `torch.distributed` when it is initialised); Lightning does not insert a
+sampler itself here, because the loader is not a `DataLoader`.
 """
 
 from __future__ import annotations
@@ -95,9 +104,18 @@ class ResumableLoader:
     "Served" counts batches the consumer asked for, which is what was trained on because
     Lightning does not prefetch from a loader with a `len()`. The tensors are in memory and a
     batch is one indexing operation, so there are no worker processes.
+
+    With `num_replicas` > 1 (data-parallel training) the loader serves rank `rank`'s shard of
+    each epoch, as `DistributedSampler(shuffle=True, drop_last=False)` would: the epoch's
+    permutation padded to a multiple of `num_replicas` by wrapping around, then every
+    `num_replicas`-th index from `rank` on. Every rank has the same `len()`, so the position in
+    a checkpoint (saved by rank 0) is every rank's position; resuming with another world size is
+    refused, because a batch count would then mean other examples.
     """
 
-    def __init__(self, dataset: TensorDataset, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, dataset: TensorDataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         if not isinstance(dataset, TensorDataset):
             raise TypeError(f"dataset: expected a torch TensorDataset, got {type(dataset).__name__}")
         self.dataset = dataset
@@ -105,17 +123,36 @@ class ResumableLoader:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {seed!r}")
         self.seed = seed
+        self.num_replicas = _check_positive_int("num_replicas", num_replicas)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank: expected an int in [0, num_replicas={num_replicas}), got {rank!r}")
+        self.rank = rank
         self.epoch = -1  # the epoch being (or last) served; -1 before the first iter()
         self.served = 0  # batches of that epoch handed out so far
         self._resume_at: tuple[int, int] | None = None  # (epoch, served) from load_state_dict
 
+    @property
+    def shard_size(self) -> int:
+        """Examples this rank gets per epoch: ⌈len(dataset) / num_replicas⌉."""
+        return -(-len(self.dataset) // self.num_replicas)
+
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)  # ceil: the last batch may be smaller
+        return -(-self.shard_size // self.batch_size)  # ceil: the last batch may be smaller
 
     def epoch_order(self, epoch: int) -> Tensor:
-        """Epoch `epoch`'s permutation of the dataset indices."""
+        """Epoch `epoch`'s permutation of the dataset indices (the whole data set, every rank)."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(len(self.dataset), generator=generator)
+
+    def shard_order(self, epoch: int) -> Tensor:
+        """This rank's indices of epoch `epoch`, in the order they are served."""
+        order = self.epoch_order(epoch)
+        if self.num_replicas == 1:
+            return order
+        total = self.shard_size * self.num_replicas
+        if total > len(order):  # wrap around (more than once if need be), as DistributedSampler pads
+            order = order.repeat(-(-total // len(order)))[:total]
+        return order[self.rank : total : self.num_replicas]
 
     def _next_position(self) -> tuple[int, int]:
         """(epoch, first batch) where the next iter() starts."""
@@ -129,14 +166,14 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         epoch, start = self._next_position()
         self.epoch, self.served = epoch, start
-        order = self.epoch_order(epoch)
+        order = self.shard_order(epoch)
         for i in range(start, len(self)):
             # Counted before the yield: when the consumer holds batch i, i + 1 batches are served.
             self.served = i + 1
             yield self.dataset[order[i * self.batch_size : (i + 1) * self.batch_size]]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self.served}
+        return {"epoch": self.epoch, "served": self.served, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         missing = {"epoch", "served"} - set(state)
@@ -144,6 +181,13 @@ class ResumableLoader:
             raise ValueError(
                 f"state: expected the keys 'epoch' and 'served' of ResumableLoader.state_dict(), "
                 f"got keys {sorted(state)}"
+            )
+        replicas = state.get("num_replicas", 1)  # absent in checkpoints of single-process runs
+        if replicas != self.num_replicas:
+            raise ValueError(
+                f"state['num_replicas']: the checkpoint was saved by {replicas!r} data-parallel "
+                f"processes; expected {self.num_replicas}, the world size of this run (under another "
+                "world size, the count of batches served would point at other examples)"
             )
         epoch, served = state["epoch"], state["served"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < -1:
@@ -185,8 +229,18 @@ class _TensorDataModule(pl.LightningDataModule):
             self._dataset(dataset), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )
 
+    def _world(self) -> tuple[int, int]:
+        """(num_replicas, rank) of data-parallel training: the Trainer's, else torch.distributed's."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
     def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self._dataset(self.train_set), self.batch_size, self.seed)
+        replicas, rank = self._world()
+        return ResumableLoader(self._dataset(self.train_set), self.batch_size, self.seed, replicas, rank)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
@@ -228,7 +282,7 @@ class DigitsDataModule(_TensorDataModule):
             from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
         except ImportError as err:
             raise ImportError(
-                "DigitsDataModule: needs scikit-learn for its bundled digits; pip install scikit-learn"
+                "DigitsDataModule: needs scikit-learn for its bundled digits; pip install manualbp[lightning]"
             ) from err
 
         digits = load_digits()

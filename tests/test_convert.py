@@ -182,7 +182,9 @@ def test_what_is_left_alone() -> None:
             "manualbp.Linear",
             note="3: LeakyReLU(negative_slope=-0.5): the registry needs a slope >= 0",
         ),
-        Replacement("4", "torch.nn.Linear", "manualbp.Linear", note="5: ReLU has hooks (they would no longer run)"),
+        Replacement(
+            "4", "torch.nn.Linear", "manualbp.Linear", note="5: ReLU has hooks (they would no longer run)"
+        ),
     ]
     assert report.unfused == [(r.name, r.note) for r in report.replaced]
     assert model[5] is act_hooked and type(model[3]) is nn.LeakyReLU

@@ -9,8 +9,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an open-ended requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt torch
+	# The same pin for the rest: timm's torchvision would otherwise bring a CUDA torch of its own.
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 
 setup: $(BIN)/python
 

@@ -1,33 +1,22 @@
 """Swap a model's linear layers for manualbp's in place, and back.
 
-`convert(model)` walks the module tree and replaces
+`convert(model)` replaces every module whose type is exactly `torch.nn.Linear` by a
+`manualbp.Linear`, every `transformers.pytorch_utils.Conv1D` (GPT-2's y = x W + b, weight stored
+(in, out)) by a `manualbp.nn.TransposedLinear` with the same `weight`/`bias`, and — with
+`fuse_activations=True` — such a layer and the activation applied directly to its output by one
+fused layer; the activation's slot becomes an `nn.Identity`, so every name and state_dict key stays.
 
-* every module whose type is exactly `torch.nn.Linear` by a `manualbp.Linear`,
-* every `transformers.pytorch_utils.Conv1D` (GPT-2's y = x W + b, weight stored (in, out)) by a
-  :class:`TransposedLinear`, with the same `weight`/`bias` names and shapes, and
-* with `fuse_activations=True`, such a layer and the activation the model applies directly to its
-  output by one fused layer (`manualbp.LinearAct`, or a `TransposedLinear` with an activation).
-  The activation's slot becomes an `nn.Identity`, so every name and state_dict key stays valid.
-
-Fusion happens only where the equivalence is certain:
-
-* inside an `nn.Sequential` (or a subclass that keeps `Sequential.forward`, as torchvision's
-  `MLP`), for an activation module right after the layer;
-* in the attribute-style blocks of `_BLOCKS` — Hugging Face BERT/RoBERTa intermediate, pooler and
-  prediction-head transform, GPT-2's MLP, timm's `Mlp` — matched by qualified class name, whose
-  forward is known to apply the activation attribute to the projection's output and nothing else
-  to it (timm's `Mlp` runs fc1 → act → drop1 → norm → fc2, so act goes into fc1);
-* and only for activation modules that compute exactly a registry entry: the torch ones (ReLU,
-  LeakyReLU with negative_slope ≥ 0, Sigmoid, Tanh, GELU in both approximations, SiLU, Mish,
-  Softplus with beta=1, threshold=20), Hugging Face's `GELUActivation` (erf GELU, also with
-  `use_gelu_python`), `NewGELUActivation`, `GELUTanh`, `AccurateGELUActivation` (tanh GELU),
-  `SiLUActivation`, `MishActivation`, and timm's `GELU`, `GELUTanh`, `Swish`, `Sigmoid`, `Tanh`,
-  `Mish`. A class whose forward was replaced (on the instance, or on the class by a kernel hub)
-  is not trusted. `inplace=True` is dropped by fusion (the fused layer writes a fresh output).
-
-Where an activation-like module follows a converted layer but is not fused (a different formula
-such as `FastGELUActivation` or `QuickGELUActivation`, hooks, a block whose forward is unknown),
-the layer is converted alone and its report line says why (`Replacement.note`).
+Fusion happens only where the equivalence is certain: the activation module comes right after the
+layer in an `nn.Sequential` (or a subclass that keeps `Sequential.forward`, as torchvision's
+`MLP`), or the parent is one of `_BLOCKS` (Hugging Face BERT/RoBERTa intermediate, pooler and
+prediction-head transform, GPT-2's MLP, timm's `Mlp`: fc1 → act → drop1 → norm → fc2), matched
+by qualified class name, whose forward applies that attribute to the projection's output and
+nothing else to it; and the activation computes exactly a registry entry (`_torch_entry`,
+`_LIBRARY_SIMPLE`, `_library_entry`: gelu and gelu_tanh are told apart, Hugging Face's
+`FastGELUActivation`/`QuickGELUActivation` are other formulas). A class whose forward was replaced
+(on the instance, or by a kernel hub) is not trusted; `inplace=True` is dropped by fusion. Where an
+activation-like module follows a converted layer but is not fused, the layer is converted alone
+and its report line says why (`Replacement.note`).
 
 The new modules hold the *same* `Parameter` objects as the old ones — not copies — so an
 optimizer built before the conversion (and its state) stays valid, and tied weights stay tied.
@@ -35,20 +24,16 @@ optimizer built before the conversion (and its state) stays valid, and tied weig
 that was there. After `convert`, `isinstance(m, Conv1D)` is False for the converted projections
 (Hugging Face's `_init_weights` and head pruning look for Conv1D): revert before those.
 
-Left native, with the reason in the report's `skipped`:
+Left native, with the reason in the report's `skipped`: subclasses of `nn.Linear` or Conv1D
+(their type may carry meaning; `nn.MultiheadAttention.out_proj`, a
+`NonDynamicallyQuantizableLinear`, is never called — attention reads its weight directly); modules
+with hooks, parametrizations (weight_norm, ...) or a forward replaced on the instance; a weight
+that is not a floating-point Parameter of the expected shape; zero-sized layers.
 
-* subclasses of `nn.Linear` or Conv1D (`NonDynamicallyQuantizableLinear`, `LazyLinear`,
-  quantized and user subclasses): their type may carry meaning we would lose. In particular
-  `nn.MultiheadAttention.out_proj` is a `NonDynamicallyQuantizableLinear` whose `forward` is
-  never called — attention reads its weight and bias directly;
-* modules with hooks, parametrizations (weight_norm, ...) or a forward replaced on the instance;
-* a layer whose weight is not a floating-point Parameter of the expected shape, or zero-sized.
-
-Note on `nn.TransformerEncoderLayer`: its `linear1`/`linear2` are converted (its activation is
-a function, not a module, so it is not fused). In eval mode with autograd off PyTorch may run its
-fused "fast path", which reads the weights directly: the results are still equal.
+`nn.TransformerEncoderLayer`: `linear1`/`linear2` are converted, its activation (a function) is
+not fused. In eval mode without autograd PyTorch may run its "fast path", which reads the weights
+directly: the results are still equal.
 """
-
 from __future__ import annotations
 
 import functools
@@ -61,11 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
-from manualbp.nn import Linear, LinearAct, _check_features
+from manualbp.nn import Linear, LinearAct, TransposedLinear
 
-__all__ = ["ConversionReport", "Replacement", "TransposedLinear", "convert", "revert"]
+__all__ = ["ConversionReport", "Replacement", "convert", "revert"]
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
 _SLOT = "_manualbp_fused_slot"  # on a fused layer: (name of the activation slot, original module)
@@ -123,59 +107,6 @@ class ConversionReport:
             lines.append(f"  {r.name}: {r.old} -> {r.new}{fused}{note}")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ Conv1D
-
-
-class TransposedLinear(nn.Module):
-    """a = f(x W + b) with W stored as (in_features, out_features), and a hand-written backward.
-
-    The replacement of `transformers.pytorch_utils.Conv1D` (GPT-2's projections): the same
-    parameters (`weight` (nx, nf), `bias` (nf,)), state_dict keys, `nf`/`nx` attributes and
-    initialisation; `activation` optionally fuses the activation that follows. The forward hands
-    the view `weight.t()` (no copy) to `manualbp.functional.linear`.
-    """
-
-    def __init__(
-        self,
-        nf: int,
-        nx: int,
-        activation: str | Activation = "identity",
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        negative_slope: float | None = None,
-    ) -> None:
-        super().__init__()
-        self.nf, self.nx = _check_features("nf", nf), _check_features("nx", nx)
-        self.act = get_activation(activation, negative_slope=negative_slope)
-        self.weight = nn.Parameter(torch.empty(self.nx, self.nf, device=device, dtype=dtype))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(self.nf, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        nn.init.normal_(self.weight, std=0.02)  # Conv1D's own initialisation
-
-    @property
-    def in_features(self) -> int:
-        return self.nx
-
-    @property
-    def out_features(self) -> int:
-        return self.nf
-
-    @property
-    def activation(self) -> str:
-        return self.act.name
-
-    def forward(self, input: Tensor) -> Tensor:
-        return MF.linear(input, self.weight.t(), self.bias, self.act)
-
-    def extra_repr(self) -> str:
-        text = f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, activation={self.act.name}"
-        return text + (f", negative_slope={self.act.negative_slope}" if self.act.name == "leaky_relu" else "")
 
 
 # ------------------------------------------------------------------------------------ activations
@@ -333,7 +264,7 @@ def _plan(parent: nn.Module, children: list[tuple[str, nn.Module]]) -> dict[str,
     for (name, child), (next_name, next_child) in zip(children, children[1:]):
         if not _linear_like(child) or _activation_entry(next_child) == (None, None):
             continue
-        if isinstance(parent, nn.Sequential) and kind.forward is nn.Sequential.forward:
+        if isinstance(parent, nn.Sequential) and _sequential_forward(parent):
             plans[name] = _decide(next_name, next_child)
         elif isinstance(parent, nn.Sequential):
             plans[name] = _Plan(note=f"{kind.__name__} overrides Sequential.forward")
@@ -343,6 +274,10 @@ def _plan(parent: nn.Module, children: list[tuple[str, nn.Module]]) -> dict[str,
                 f"a block whose forward is known to apply it to {name}'s output"
             )
     return plans
+
+
+def _sequential_forward(parent: nn.Module) -> bool:
+    return type(parent).forward is nn.Sequential.forward and "forward" not in parent.__dict__
 
 
 def _decide(slot: str, module: nn.Module) -> _Plan:
@@ -454,7 +389,7 @@ def _describe(module: nn.Module) -> str:
         return f"manualbp.LinearAct({module.activation})"
     if isinstance(module, TransposedLinear):
         act = module.activation
-        return "manualbp.convert.TransposedLinear" + (f"({act})" if act != "identity" else "")
+        return "manualbp.nn.TransposedLinear" + (f"({act})" if act != "identity" else "")
     if isinstance(module, Linear):
         return "manualbp.Linear"
     return "torch.nn.Linear" if type(module) is nn.Linear else _qualname(type(module))

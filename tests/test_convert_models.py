@@ -48,7 +48,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import manualbp as mbp  # noqa: E402
-from manualbp.convert import TransposedLinear, convert, revert  # noqa: E402
+from manualbp.convert import convert, revert  # noqa: E402
+from manualbp.nn import TransposedLinear  # noqa: E402
 
 from .helpers import TOL, rel_err  # noqa: E402
 
@@ -154,7 +155,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], LossFn, Callable[[], Tensor]]] =
 MLP_BLOCKS = {
     "bert": ("BertIntermediate", "dense", "intermediate_act_fn", "manualbp.LinearAct(gelu)"),
     "roberta": ("RobertaIntermediate", "dense", "intermediate_act_fn", "manualbp.LinearAct(gelu)"),
-    "gpt2": ("GPT2MLP", "c_fc", "act", "manualbp.convert.TransposedLinear(gelu_tanh)"),
+    "gpt2": ("GPT2MLP", "c_fc", "act", "manualbp.nn.TransposedLinear(gelu_tanh)"),
     "vit": ("Mlp", "fc1", "act", "manualbp.LinearAct(gelu)"),
 }
 
@@ -197,7 +198,7 @@ def test_real_model_converts_fuses_and_matches_native(case: str) -> None:
     report = convert(model)
 
     # Every linear-like module converted, nothing left native (nor silently: skipped is empty).
-    assert report.skipped == [] and sorted(report.names) == sorted(linears)
+    assert report.skipped == [] and report.unfused == [] and sorted(report.names) == sorted(linears)
     assert not any(type(m) in (nn.Linear, Conv1D) for m in model.modules())
     # The activation fused in every MLP block, its slot an nn.Identity now.
     block_type, proj, slot, fused = MLP_BLOCKS[case]

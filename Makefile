@@ -10,8 +10,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an open-ended requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch
-	# The same pin for the rest: timm's torchvision would otherwise bring a CUDA torch of its own.
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# timm (for tests/test_convert_models.py) imports torchvision, whose only wheel for torch 2.13 is
+	# a CUDA build that cannot import on the CPU torch: installed in site-packages it would break every
+	# `import torchvision` (torchmetrics, so lightning and `make demo`). So timm comes without its
+	# dependencies, and torchvision's Python part in a folder of its own, which only that test adds.
+	$(BIN)/pip install -q -c constraints.txt --no-deps "timm>=1.0"
+	$(BIN)/pip install -q -c constraints.txt --no-deps --target $(VENV)/torchvision-python torchvision
 
 setup: $(BIN)/python
 

@@ -10,23 +10,35 @@ numerically against the library's own module (f and f′), and the cases it must
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+#: Where `make setup` puts torchvision's Python part (outside site-packages: see the Makefile).
+TORCHVISION_DIR = Path(sys.prefix) / "torchvision-python"
+
 
 def _import_torchvision() -> None:
-    """Make `import torchvision` (which timm does) work when its compiled ops cannot load.
+    """Make `import torchvision` (which timm does at import) work here, and only here.
 
     The torchvision wheel that matches torch 2.13 is a CUDA build; on the CPU build of torch its
-    C++ ops do not load, and its import then fails registering fake kernels for them
+    C++ ops cannot load, and its import then fails registering fake kernels for them
     (`torchvision::nms does not exist`). Those registrations only serve tracing of its detection
     ops, which nothing here uses: skip them. Where torchvision works, nothing changes.
     """
+    if importlib.util.find_spec("torchvision") is None:
+        if not TORCHVISION_DIR.is_dir():
+            raise ModuleNotFoundError(
+                f"torchvision: not installed, nor in {TORCHVISION_DIR}; expected `make setup` to put "
+                "it there (timm imports it)"
+            )
+        sys.path.append(str(TORCHVISION_DIR))
     try:
         import torchvision  # noqa: F401
     except RuntimeError as err:

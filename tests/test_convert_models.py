@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
+from torch._inductor.compile_fx import compile_fx
 
 #: Where `make setup` puts torchvision's Python part (outside site-packages: see the Makefile).
 TORCHVISION_DIR = Path(sys.prefix) / "torchvision-python"
@@ -257,9 +258,18 @@ def test_real_model_under_compile_fullgraph(case: str) -> None:
     model = build()
     native = copy.deepcopy(model)
     batch = make_batch()
-    convert(model)
-    compiled = torch.compile(loss_fn, fullgraph=True)  # fullgraph: fails on any graph break
+    report = convert(model)
+    captured: list[str] = []
+
+    def inductor(graph: torch.fx.GraphModule, inputs: list[Tensor]):
+        # Inductor itself, after noting which ops the captured graph calls.
+        captured.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return compile_fx(graph, inputs)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=inductor)  # fails on any graph break
     _assert_same(_loss_and_grads(model, compiled, batch), _loss_and_grads(native, loss_fn, batch))
+    # Every converted layer ran as a manualbp op in the graph (its backward is manualbp's).
+    assert sum("manualbp.linear_forward" in target for target in captured) == len(report)
 
 
 # ------------------------------------------------------------------------------------ activations

@@ -13,6 +13,12 @@ $(BIN)/python:
 	# torch first and pinned (the CPU build on a machine without CUDA), then every extra.
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
+	# timm (for tests/test_convert_models.py) imports torchvision, whose only wheel for torch 2.13 is
+	# a CUDA build that cannot import on the CPU torch: installed in site-packages it would break every
+	# `import torchvision` (torchmetrics, so lightning and `make demo`). So timm comes without its
+	# dependencies, and torchvision's Python part in a folder of its own, which only that test adds.
+	$(PIP) --no-deps "timm>=1.0"
+	$(PIP) --no-deps --target $(VENV)/torchvision-python torchvision
 
 setup: $(BIN)/python
 

@@ -1,51 +1,59 @@
-"""Swap a model's `nn.Linear` layers for manualbp's in place, and back.
+"""Swap a model's linear layers for manualbp's in place, and back.
 
-`convert(model)` walks the module tree and replaces
+`convert(model)` replaces every module whose type is exactly `torch.nn.Linear` by a
+`manualbp.Linear`, every `transformers.pytorch_utils.Conv1D` (GPT-2's y = x W + b, weight stored
+(in, out)) by a `manualbp.nn.TransposedLinear` with the same `weight`/`bias`, and — with
+`fuse_activations=True` — such a layer and the activation applied directly to its output by one
+fused layer; the activation's slot becomes an `nn.Identity`, so every name and state_dict key stays.
 
-* every module whose type is exactly `torch.nn.Linear` by a `manualbp.Linear`, and
-* with `fuse_activations=True`, an `nn.Linear` directly followed, inside an `nn.Sequential`, by a
-  supported activation module by one `manualbp.LinearAct`; the activation's slot becomes an
-  `nn.Identity`, so the Sequential keeps its length and every index (and state_dict key) stays
-  valid.
+Fusion happens only where the equivalence is certain: the activation module comes right after the
+layer in an `nn.Sequential` (or a subclass that keeps `Sequential.forward`, as torchvision's
+`MLP`), or the parent is one of `_BLOCKS` (Hugging Face BERT/RoBERTa intermediate, pooler and
+prediction-head transform, GPT-2's MLP, timm's `Mlp`: fc1 → act → drop1 → norm → fc2), matched
+by qualified class name, whose forward applies that attribute to the projection's output and
+nothing else to it; and the activation computes exactly a registry entry (`_torch_entry`,
+`_LIBRARY_SIMPLE`, `_library_entry`: gelu and gelu_tanh are told apart, Hugging Face's
+`FastGELUActivation`/`QuickGELUActivation` are other formulas). A class whose forward was replaced
+(on the instance, or by a kernel hub) is not trusted; `inplace=True` is dropped by fusion. Where an
+activation-like module follows a converted layer but is not fused, the layer is converted alone
+and its report line says why (`Replacement.note`).
 
 The new modules hold the *same* `Parameter` objects as the old ones — not copies — so an
-optimizer built before the conversion (and its state: momenta, Adam moments) stays valid, and
-tied weights stay tied. `revert(model)` undoes it, again keeping the Parameters.
+optimizer built before the conversion (and its state) stays valid, and tied weights stay tied.
+`revert(model)` undoes it: native layers again and, in each fused slot, the very activation module
+that was there. After `convert`, `isinstance(m, Conv1D)` is False for the converted projections
+(Hugging Face's `_init_weights` and head pruning look for Conv1D): revert before those.
 
-What is deliberately left alone (listed in the report's `skipped`):
+Left native, with the reason in the report's `skipped`: subclasses of `nn.Linear` or Conv1D
+(their type may carry meaning; `nn.MultiheadAttention.out_proj`, a
+`NonDynamicallyQuantizableLinear`, is never called — attention reads its weight directly); modules
+with hooks, parametrizations (weight_norm, ...) or a forward replaced on the instance; a weight
+that is not a floating-point Parameter of the expected shape; zero-sized layers.
 
-* subclasses of `nn.Linear` (`NonDynamicallyQuantizableLinear`, `LazyLinear`, quantized and
-  user subclasses): their type may carry meaning we would lose. In particular
-  `nn.MultiheadAttention.out_proj` is a `NonDynamicallyQuantizableLinear` whose `forward` is
-  never called — attention reads `out_proj.weight`/`out_proj.bias` directly in
-  `F.multi_head_attention_forward` — so replacing it would change nothing but its type;
-* modules with hooks or parametrizations (weight_norm, spectral_norm, ...): hooks are bound to
-  the old object and a parametrized `weight` is computed, not a Parameter we could hand over;
-* a Linear with complex weights, or with a zero in_/out_features.
-
-Activation modules are fused only when they are one of the exact types below with settings the
-registry computes identically: ReLU, LeakyReLU (negative_slope ≥ 0), Sigmoid, Tanh, GELU (both
-approximations), SiLU, Mish, Softplus (default beta=1 and threshold=20 only). `inplace=True` on
-ReLU/LeakyReLU/SiLU is dropped by fusion (the fused layer writes a fresh output).
-
-Note on `nn.TransformerEncoderLayer`: its `linear1`/`linear2` are converted (its activation is
-a function, not a module in a Sequential, so it is not fused). In eval mode with autograd off,
-PyTorch may run the layer through its fused "fast path", which reads the weights directly and
-bypasses the modules: the results are still equal, since the Parameters are the same.
+`nn.TransformerEncoderLayer`: `linear1`/`linear2` are converted, its activation (a function) is
+not fused. In eval mode without autograd PyTorch may run its "fast path", which reads the weights
+directly: the results are still equal.
 """
-
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import math
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from manualbp.activations import Activation, get_activation
-from manualbp.nn import Linear, LinearAct
+from manualbp.nn import Linear, LinearAct, TransposedLinear
 
 __all__ = ["ConversionReport", "Replacement", "convert", "revert"]
+
+_CONV1D = "transformers.pytorch_utils.Conv1D"
+_SLOT = "_manualbp_fused_slot"  # on a fused layer: (name of the activation slot, original module)
+_NATIVE = "_manualbp_native_type"  # on a TransposedLinear made by convert: the Conv1D class
 
 
 @dataclass(frozen=True)
@@ -54,18 +62,21 @@ class Replacement:
     "manualbp.LinearAct(gelu)").
 
     `activation` is the qualified name of the fused activation slot (now `nn.Identity` after
-    convert, the native activation again after revert), or None when nothing was fused.
+    convert, the native activation again after revert), or None when nothing was fused. `note`
+    says why an activation that follows the layer was not fused into it, or is None.
     """
 
     name: str
     old: str
     new: str
     activation: str | None = None
+    note: str | None = None
 
 
 @dataclass
 class ConversionReport:
-    """What `convert`/`revert` did: `replaced` in module order, and `skipped` (name, reason)."""
+    """What `convert`/`revert` did: `replaced` in module order, and `skipped` (name, reason):
+    the linear-like modules left native, with why."""
 
     replaced: list[Replacement] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -83,72 +94,256 @@ class ConversionReport:
         """The replacements that took an activation in (or gave one back)."""
         return [r for r in self.replaced if r.activation is not None]
 
+    @property
+    def unfused(self) -> list[tuple[str, str]]:
+        """(name, why) of the layers converted alone although an activation follows them."""
+        return [(r.name, r.note) for r in self.replaced if r.note is not None]
+
     def __str__(self) -> str:
         lines = [f"{len(self.replaced)} replaced, {len(self.skipped)} skipped"]
         for r in self.replaced:
             fused = f" (+ {r.activation})" if r.activation else ""
-            lines.append(f"  {r.name}: {r.old} -> {r.new}{fused}")
+            note = f" (not fused: {r.note})" if r.note else ""
+            lines.append(f"  {r.name}: {r.old} -> {r.new}{fused}{note}")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ activations
 
+_TORCH_SIMPLE = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.Mish: "mish"}
+# Library activation classes whose forward alone fixes the formula.
+_LIBRARY_SIMPLE = {
+    "transformers.activations.NewGELUActivation": "gelu_tanh",
+    "transformers.activations.SiLUActivation": "silu",
+    "timm.layers.activations.GELU": "gelu",
+    "timm.layers.activations.GELUTanh": "gelu_tanh",
+    "timm.layers.activations.Swish": "silu",
+    "timm.layers.activations.Sigmoid": "sigmoid",
+    "timm.layers.activations.Tanh": "tanh",
+    "timm.layers.activations.Mish": "mish",
+}
+_NOT_EXACT = {
+    "transformers.activations.FastGELUActivation": (
+        "FastGELUActivation is tanh-GELU with the rounded constant 0.7978845608 for sqrt(2/pi): "
+        "no registry entry computes it exactly"
+    ),
+    "transformers.activations.QuickGELUActivation": "QuickGELUActivation is x*sigmoid(1.702x)",
+    "timm.layers.activations.QuickGELU": "QuickGELU is x*sigmoid(1.702x)",
+}
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations", "timm.layers.activations")
 
-def _registry_entry(module: nn.Module) -> Activation | None:
-    """The registry entry computing exactly what `module` computes, or None."""
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """Whether `module` runs the forward written in its own class (not one replaced later)."""
+    cls = type(module)
+    fn = cls.__dict__.get("forward")
+    return (
+        "forward" not in module.__dict__
+        and getattr(fn, "__qualname__", None) == f"{cls.__qualname__}.forward"
+        and getattr(fn, "__module__", None) == cls.__module__
+    )
+
+
+def _is_method(value: Any, module: nn.Module, name: str) -> bool:
+    return getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is getattr(
+        type(module), name, None
+    )
+
+
+def _library_entry(module: nn.Module, name: str) -> tuple[str | None, str | None]:
+    """Registry name for a Hugging Face / timm activation instance, or (None, why)."""
+    if name in _LIBRARY_SIMPLE:
+        return _LIBRARY_SIMPLE[name], None
+    if name in _NOT_EXACT:
+        return None, _NOT_EXACT[name]
+    act, short = getattr(module, "act", None), type(module).__name__
+    if name == "transformers.activations.GELUActivation":
+        exact = act is F.gelu or _is_method(act, module, "_gelu_python")
+        return ("gelu", None) if exact else (None, f"{short}.act is {act!r}, not the erf GELU")
+    if name == "transformers.activations.GELUTanh":
+        exact = _is_method(act, module, "_gelu_tanh_python") or (
+            isinstance(act, functools.partial)
+            and (act.func, act.args, act.keywords) == (F.gelu, (), {"approximate": "tanh"})
+        )
+        return ("gelu_tanh", None) if exact else (None, f"{short}.act is {act!r}, not the tanh GELU")
+    if name == "transformers.activations.AccurateGELUActivation":
+        exact = getattr(module, "precomputed_constant", None) == math.sqrt(2 / math.pi)
+        return ("gelu_tanh", None) if exact else (None, f"{short}.precomputed_constant is not sqrt(2/pi)")
+    if name == "transformers.activations.MishActivation":
+        exact = act is F.mish or _is_method(act, module, "_mish_python")
+        return ("mish", None) if exact else (None, f"{short}.act is {act!r}, not Mish")
+    return None, f"{short} is not in the registry"
+
+
+def _torch_entry(module: nn.Module) -> tuple[Activation | None, str | None]:
     kind = type(module)
-    simple = {
-        nn.ReLU: "relu",
-        nn.Sigmoid: "sigmoid",
-        nn.Tanh: "tanh",
-        nn.SiLU: "silu",
-        nn.Mish: "mish",
-    }
-    if kind in simple:
-        return get_activation(simple[kind])
+    if kind in _TORCH_SIMPLE:
+        return get_activation(_TORCH_SIMPLE[kind]), None
     # isinstance (after the exact-type test) narrows the type for the attribute reads.
     if kind is nn.GELU and isinstance(module, nn.GELU):
         names = {"none": "gelu", "tanh": "gelu_tanh"}
-        return get_activation(names[module.approximate]) if module.approximate in names else None
+        if module.approximate in names:
+            return get_activation(names[module.approximate]), None
+        return None, f"GELU(approximate={module.approximate!r}) is not in the registry"
     if kind is nn.LeakyReLU and isinstance(module, nn.LeakyReLU):
         slope = float(module.negative_slope)
-        return get_activation("leaky_relu", negative_slope=slope) if slope >= 0 else None
+        if slope >= 0:
+            return get_activation("leaky_relu", negative_slope=slope), None
+        return None, f"LeakyReLU(negative_slope={slope}): the registry needs a slope >= 0"
     if kind is nn.Softplus and isinstance(module, nn.Softplus):
-        default = module.beta == 1 and module.threshold == 20
-        return get_activation("softplus") if default else None
-    return None
+        if module.beta == 1 and module.threshold == 20:
+            return get_activation("softplus"), None
+        return None, (
+            f"Softplus(beta={module.beta}, threshold={module.threshold}): the registry's softplus "
+            "has beta=1, threshold=20"
+        )
+    return None, f"{kind.__name__} is not in the registry"
+
+
+def _activation_entry(module: nn.Module) -> tuple[Activation | None, str | None]:
+    """(registry entry computing exactly what `module` computes, None), or (None, why not) for
+    an activation-like module, or (None, None) for anything else (Dropout, LayerNorm, ...)."""
+    kind = type(module)
+    if isinstance(module, nn.MultiheadAttention) or not any(
+        c.__module__ in _ACTIVATION_MODULES for c in kind.__mro__
+    ):
+        return None, None
+    name = _qualname(kind)
+    if kind.__module__ not in _ACTIVATION_MODULES:
+        return None, f"{kind.__name__} subclasses a library activation: its forward may differ"
+    if _has_hooks(module):
+        return None, f"{kind.__name__} has hooks (they would no longer run)"
+    if not _own_forward(module):
+        return None, f"{kind.__name__}.forward was replaced (e.g. by a kernel hub)"
+    if kind.__module__ == "torch.nn.modules.activation":
+        return _torch_entry(module)
+    entry, why = _library_entry(module, name)
+    return (get_activation(entry), None) if entry is not None else (None, why)
+
+
+# ------------------------------------------------------------------------------------ patterns
+
+# Blocks whose forward applies `activation` to `projection`'s output, and to nothing else.
+_BLOCKS: dict[str, tuple[str, str]] = {
+    "transformers.models.bert.modeling_bert.BertIntermediate": ("dense", "intermediate_act_fn"),
+    "transformers.models.bert.modeling_bert.BertPooler": ("dense", "activation"),
+    "transformers.models.bert.modeling_bert.BertPredictionHeadTransform": ("dense", "transform_act_fn"),
+    "transformers.models.roberta.modeling_roberta.RobertaIntermediate": ("dense", "intermediate_act_fn"),
+    "transformers.models.roberta.modeling_roberta.RobertaPooler": ("dense", "activation"),
+    "transformers.models.gpt2.modeling_gpt2.GPT2MLP": ("c_fc", "act"),
+    "timm.layers.mlp.Mlp": ("fc1", "act"),
+}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """For one projection: the activation slot to fuse (and its entry), or why it is not fused."""
+
+    slot: str | None = None
+    act: Activation | None = None
+    note: str | None = None
+
+
+def _plan(parent: nn.Module, children: list[tuple[str, nn.Module]]) -> dict[str, _Plan]:
+    """Which linear-like children of `parent` take which activation child in."""
+    kind = type(parent)
+    if _qualname(kind) in _BLOCKS:
+        proj, slot = _BLOCKS[_qualname(kind)]
+        act_module = parent._modules.get(slot)
+        if not _own_forward(parent):
+            return {proj: _Plan(note=f"{kind.__name__}.forward was replaced")}
+        if not isinstance(act_module, nn.Module):
+            return {proj: _Plan(note=f"{slot} is a function, not a module")}
+        return {proj: _decide(slot, act_module)}
+    plans: dict[str, _Plan] = {}
+    for (name, child), (next_name, next_child) in zip(children, children[1:]):
+        if not _linear_like(child) or _activation_entry(next_child) == (None, None):
+            continue
+        if isinstance(parent, nn.Sequential) and _sequential_forward(parent):
+            plans[name] = _decide(next_name, next_child)
+        elif isinstance(parent, nn.Sequential):
+            plans[name] = _Plan(note=f"{kind.__name__} overrides Sequential.forward")
+        else:
+            plans[name] = _Plan(
+                note=f"{next_name} ({type(next_child).__name__}) follows it, but {kind.__name__} is not "
+                f"a block whose forward is known to apply it to {name}'s output"
+            )
+    return plans
+
+
+def _sequential_forward(parent: nn.Module) -> bool:
+    return type(parent).forward is nn.Sequential.forward and "forward" not in parent.__dict__
+
+
+def _decide(slot: str, module: nn.Module) -> _Plan:
+    act, why = _activation_entry(module)
+    if act is not None:
+        return _Plan(slot, act)
+    if type(module) is nn.Identity:
+        return _Plan()  # nothing to fuse
+    return _Plan(note=f"{slot}: {why or f'{type(module).__name__} is not an activation module'}")
 
 
 # ------------------------------------------------------------------------------------ checks
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(
-        len(hooks) > 0
-        for hooks in (
-            module._forward_hooks,
-            module._forward_pre_hooks,
-            module._backward_hooks,
-            module._backward_pre_hooks,
-        )
-    )
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+    return any(len(h) > 0 for h in (*hooks, module._backward_pre_hooks))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return any(_qualname(c) == _CONV1D for c in type(module).__mro__)
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def _why_not(module: nn.Module) -> str | None:
-    """Why this `nn.Linear` (or subclass) cannot be handed over, or None if it can."""
+    """Why this linear-like module cannot be handed over, or None if it can."""
+    kind = type(module)
     if parametrize.is_parametrized(module):  # checked first: it makes a subclass on the fly
         return "has parametrizations (its weight is computed, not a Parameter)"
-    if type(module) is not nn.Linear:
+    if kind is not nn.Linear and _qualname(kind) != _CONV1D:
         return _subclass_reason(module)
     if _has_hooks(module):
         return "has hooks (they are bound to the old module)"
-    weight = module.weight
+    if "forward" in module.__dict__:
+        return "its forward was replaced on the instance"
+    weight, bias = module.weight, module.bias
     if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
         return f"weight is not a floating-point Parameter ({type(weight).__name__}, {weight.dtype})"
-    if module.in_features < 1 or module.out_features < 1:
-        return f"zero-sized ({module.in_features} -> {module.out_features})"
+    n_in, n_out = _features(module)
+    expected = (n_out, n_in) if kind is nn.Linear else (n_in, n_out)
+    bias_shape = tuple(bias.shape) if isinstance(bias, Tensor) else None
+    if weight.shape != expected or (bias is not None and bias_shape != (n_out,)):
+        return f"weight {tuple(weight.shape)} / bias {bias_shape} do not match {expected} / ({n_out},)"
+    if n_in < 1 or n_out < 1:
+        return f"zero-sized ({n_in} -> {n_out})"
     return None
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of nn.Linear, Conv1D and the manualbp layers."""
+    if _is_conv1d(module):
+        return cast(int, module.nx), cast(int, module.nf)
+    return cast(int, module.in_features), cast(int, module.out_features)
+
+
+def _subclass_reason(child: nn.Module) -> str:
+    if type(child).__name__ == "NonDynamicallyQuantizableLinear":
+        return (
+            "NonDynamicallyQuantizableLinear (MultiheadAttention.out_proj): attention reads its "
+            "weight and bias directly and never calls its forward"
+        )
+    base = "Conv1D" if _is_conv1d(child) else "nn.Linear"
+    return f"{type(child).__name__} is a subclass of {base}, not {base} itself"
 
 
 def _qualified(prefix: str, name: str) -> str:
@@ -166,32 +361,46 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _to_manualbp(linear: nn.Linear, act: Activation | None) -> nn.Module:
+def _to_manualbp(layer: nn.Module, act: Activation | None) -> nn.Module:
     # Built on the meta device: no memory, no init — the Parameters are handed over next.
-    args = (linear.in_features, linear.out_features)
-    has_bias = linear.bias is not None
-    if act is None:
-        return _adopt(Linear(*args, bias=has_bias, device="meta"), linear)
-    return _adopt(LinearAct(*args, act, bias=has_bias, device="meta"), linear)
-
-
-def _to_native(layer: Linear | LinearAct) -> nn.Linear:
+    n_in, n_out = _features(layer)
     has_bias = layer.bias is not None
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device="meta")
-    _adopt(linear, layer)
-    return linear
+    if not isinstance(layer, nn.Linear):
+        new = TransposedLinear(n_out, n_in, act or "identity", bias=has_bias, device="meta")
+        setattr(new, _NATIVE, type(layer))
+        return _adopt(new, layer)
+    if act is None:
+        return _adopt(Linear(n_in, n_out, bias=has_bias, device="meta"), layer)
+    return _adopt(LinearAct(n_in, n_out, act, bias=has_bias, device="meta"), layer)
 
 
-def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    # A snapshot: the loops below replace children while walking them.
-    return iter(list(module.named_children()))
+def _to_native(layer: nn.Module) -> nn.Module:
+    n_in, n_out = _features(layer)
+    if isinstance(layer, TransposedLinear):
+        with torch.device("meta"):
+            native = layer.__dict__[_NATIVE](n_out, n_in)  # Conv1D(nf, nx)
+        return _adopt(native, layer)
+    return _adopt(nn.Linear(n_in, n_out, bias=layer.bias is not None, device="meta"), layer)
+
+
+def _describe(module: nn.Module) -> str:
+    """A readable type: torch.nn.Linear, manualbp.Linear, manualbp.LinearAct(gelu), ..."""
+    if isinstance(module, LinearAct):
+        return f"manualbp.LinearAct({module.activation})"
+    if isinstance(module, TransposedLinear):
+        act = module.activation
+        return "manualbp.nn.TransposedLinear" + (f"({act})" if act != "identity" else "")
+    if isinstance(module, Linear):
+        return "manualbp.Linear"
+    return "torch.nn.Linear" if type(module) is nn.Linear else _qualname(type(module))
 
 
 # ------------------------------------------------------------------------------------ convert
 
 
 def convert(model: nn.Module, *, fuse_activations: bool = True) -> ConversionReport:
-    """Replace `nn.Linear` (and fusable Linear + activation pairs) by manualbp layers, in place.
+    """Replace `nn.Linear` and Conv1D (and fusable layer + activation pairs) by manualbp layers,
+    in place.
 
     Returns a :class:`ConversionReport`. `model` itself must be a container: a bare `nn.Linear`
     cannot be replaced in place (use `manualbp.Linear` directly, or wrap it in a Sequential).
@@ -200,10 +409,11 @@ def convert(model: nn.Module, *, fuse_activations: bool = True) -> ConversionRep
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(fuse_activations, bool):
         raise TypeError(f"fuse_activations: expected a bool, got {type(fuse_activations).__name__}")
-    if type(model) is nn.Linear:
+    if type(model) is nn.Linear or _qualname(type(model)) == _CONV1D:
+        bare = "nn.Linear" if type(model) is nn.Linear else "Conv1D"
         raise ValueError(
-            "model: got a bare nn.Linear, which cannot be replaced in place; expected a module "
-            "containing it (e.g. nn.Sequential(linear)), or build a manualbp.Linear directly"
+            f"model: got a bare {bare}, which cannot be replaced in place; expected a "
+            "module containing it (e.g. nn.Sequential(linear)), or build a manualbp layer directly"
         )
     report = ConversionReport()
     _convert(model, "", fuse_activations, report)
@@ -211,65 +421,30 @@ def convert(model: nn.Module, *, fuse_activations: bool = True) -> ConversionRep
 
 
 def _convert(parent: nn.Module, prefix: str, fuse: bool, report: ConversionReport) -> None:
-    children = list(_children(parent))
-    skip_next = False
-    for i, (name, child) in enumerate(children):
-        if skip_next:  # the activation we just fused
-            skip_next = False
-            continue
+    children = list(parent.named_children())  # a snapshot: children are replaced while walking
+    plans = _plan(parent, children) if fuse else {}
+    fused_slots: set[str] = set()
+    for name, child in children:
         qualified = _qualified(prefix, name)
-        if isinstance(child, (Linear, LinearAct)):
-            continue  # already ours
-        if isinstance(child, nn.Linear):
-            reason = _why_not(child)
-            if reason is not None:
-                report.skipped.append((qualified, reason))
-                continue
-            act_name, act = _fusable_next(parent, children, i) if fuse else (None, None)
-            new = _to_manualbp(child, act)
-            setattr(parent, name, new)
-            if act is not None and act_name is not None:
-                setattr(parent, act_name, nn.Identity())
-                skip_next = True
-            report.replaced.append(
-                Replacement(
-                    qualified,
-                    _describe(child),
-                    _describe(new),
-                    _qualified(prefix, act_name) if act is not None and act_name else None,
-                )
-            )
+        if name in fused_slots or isinstance(child, (Linear, LinearAct, TransposedLinear)):
+            continue  # the activation just fused, or already ours
+        if not _linear_like(child):
+            _convert(child, qualified, fuse, report)
             continue
-        _convert(child, qualified, fuse, report)
-
-
-def _subclass_reason(child: nn.Module) -> str:
-    if type(child).__name__ == "NonDynamicallyQuantizableLinear":
-        return (
-            "NonDynamicallyQuantizableLinear (MultiheadAttention.out_proj): attention reads its "
-            "weight and bias directly and never calls its forward"
-        )
-    return f"{type(child).__name__} is a subclass of nn.Linear, not nn.Linear itself"
-
-
-def _fusable_next(
-    parent: nn.Module, children: list[tuple[str, nn.Module]], i: int
-) -> tuple[str | None, Activation | None]:
-    """The next sibling's name and registry entry when it can be fused into child i."""
-    if not isinstance(parent, nn.Sequential) or i + 1 >= len(children):
-        return None, None
-    next_name, next_module = children[i + 1]
-    if _has_hooks(next_module):
-        return None, None
-    act = _registry_entry(next_module)
-    return (next_name, act) if act is not None else (None, None)
-
-
-def _describe(module: nn.Module) -> str:
-    """A readable type: torch.nn.Linear, manualbp.Linear or manualbp.LinearAct(gelu)."""
-    if isinstance(module, LinearAct):
-        return f"manualbp.LinearAct({module.activation})"
-    return "manualbp.Linear" if isinstance(module, Linear) else "torch.nn.Linear"
+        reason = _why_not(child)
+        if reason is not None:
+            report.skipped.append((qualified, reason))
+            continue
+        plan = plans.get(name, _Plan())
+        new = _to_manualbp(child, plan.act)
+        setattr(parent, name, new)
+        slot = None
+        if plan.act is not None and plan.slot is not None:
+            setattr(new, _SLOT, (plan.slot, parent._modules[plan.slot]))
+            setattr(parent, plan.slot, nn.Identity())
+            fused_slots.add(plan.slot)
+            slot = _qualified(prefix, plan.slot)
+        report.replaced.append(Replacement(qualified, _describe(child), _describe(new), slot, plan.note))
 
 
 # ------------------------------------------------------------------------------------ revert
@@ -278,14 +453,15 @@ def _describe(module: nn.Module) -> str:
 def revert(model: nn.Module) -> ConversionReport:
     """Put native modules back where `convert` put manualbp ones, keeping the Parameters.
 
-    A `manualbp.Linear` becomes an `nn.Linear`; a `LinearAct` followed in its Sequential by an
-    `nn.Identity` (the layout `convert` leaves) becomes an `nn.Linear` and, in that slot, the
-    native activation module. A `LinearAct` anywhere else (one you built yourself, or those of
-    `manualbp.MLP`) has no slot for its activation and is reported as skipped.
+    A `manualbp.Linear` becomes an `nn.Linear`, a `TransposedLinear` made by convert the Conv1D it
+    replaced. A fused layer gets its activation slot back (now `nn.Identity`) with the very module
+    that was there: the slot convert recorded or, for a `LinearAct` you built, the `nn.Identity`
+    after it in a Sequential (then filled with the registry's native module). A fused layer with
+    no such slot (those of `manualbp.MLP`, say) is reported as skipped.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, (Linear, LinearAct)):
+    if isinstance(model, (Linear, LinearAct, TransposedLinear)):
         raise ValueError(
             f"model: got a bare {type(model).__name__}, which cannot be replaced in place; "
             "expected a module containing it"
@@ -296,37 +472,41 @@ def revert(model: nn.Module) -> ConversionReport:
 
 
 def _revert(parent: nn.Module, prefix: str, report: ConversionReport) -> None:
-    children = list(_children(parent))
-    for i, (name, child) in enumerate(children):
+    children = list(parent.named_children())
+    for i, (name, layer) in enumerate(children):
         qualified = _qualified(prefix, name)
-        if type(child) is Linear:
-            setattr(parent, name, _to_native(child))
-            report.replaced.append(Replacement(qualified, _describe(child), "torch.nn.Linear"))
-        elif type(child) is LinearAct:
-            _revert_fused(parent, children, i, prefix, report)
-        else:
-            _revert(child, qualified, report)
+        if type(layer) not in (Linear, LinearAct, TransposedLinear):
+            _revert(layer, qualified, report)
+            continue
+        if isinstance(layer, TransposedLinear) and _NATIVE not in layer.__dict__:
+            report.skipped.append((qualified, "TransposedLinear not made by convert: no Conv1D recorded"))
+            continue
+        fused = isinstance(layer, LinearAct) or getattr(layer, "activation", "identity") != "identity"
+        slot = _find_slot(parent, children, i) if fused else None
+        if fused and slot is None:
+            what = "its recorded activation slot is no longer an nn.Identity"
+            if _SLOT not in layer.__dict__:
+                what = "no nn.Identity slot after it in a Sequential"
+            report.skipped.append((qualified, f"{type(layer).__name__} with {what}"))
+            continue
+        native = _to_native(layer)
+        setattr(parent, name, native)
+        if slot is not None:
+            slot_name, act = slot
+            setattr(parent, slot_name, act.train(parent.get_submodule(slot_name).training))
+        act_name = _qualified(prefix, slot[0]) if slot is not None else None
+        report.replaced.append(Replacement(qualified, _describe(layer), _describe(native), act_name))
 
 
-def _revert_fused(
-    parent: nn.Module,
-    children: list[tuple[str, nn.Module]],
-    i: int,
-    prefix: str,
-    report: ConversionReport,
-) -> None:
-    name, layer = children[i]
-    qualified = _qualified(prefix, name)
-    slot = children[i + 1] if isinstance(parent, nn.Sequential) and i + 1 < len(children) else None
-    if slot is None or type(slot[1]) is not nn.Identity:
-        report.skipped.append(
-            (qualified, "LinearAct with no nn.Identity slot after it in a Sequential")
-        )
-        return
-    assert isinstance(layer, LinearAct)
-    native_act = layer.act.native().train(slot[1].training)
-    setattr(parent, name, _to_native(layer))
-    setattr(parent, slot[0], native_act)
-    report.replaced.append(
-        Replacement(qualified, _describe(layer), "torch.nn.Linear", _qualified(prefix, slot[0]))
-    )
+def _find_slot(
+    parent: nn.Module, children: list[tuple[str, nn.Module]], i: int
+) -> tuple[str, nn.Module] | None:
+    """The fused layer's activation slot (an nn.Identity now) and the module to put back."""
+    layer = children[i][1]
+    recorded = layer.__dict__.get(_SLOT)
+    if recorded is not None:
+        return recorded if type(parent._modules.get(recorded[0])) is nn.Identity else None
+    following = children[i + 1] if isinstance(parent, nn.Sequential) and i + 1 < len(children) else None
+    if following is None or type(following[1]) is not nn.Identity or not isinstance(layer, LinearAct):
+        return None
+    return following[0], layer.act.native()

@@ -1,7 +1,9 @@
-"""Drop-in modules: `Linear` (for `nn.Linear`), `LinearAct` (Linear + activation, fused), `MLP`.
+"""Drop-in modules: `Linear` (for `nn.Linear`), `LinearAct` (Linear + activation, fused), `MLP`,
+and `TransposedLinear` (for Hugging Face's `Conv1D`, GPT-2's transposed-weight linear).
 
-They hold parameters exactly as `torch.nn.Linear` does — same names, shapes, initialisation and
-state_dict keys — and call :func:`manualbp.functional.linear`, whose backward is hand-written.
+They hold parameters exactly as `torch.nn.Linear` does (`TransposedLinear`: as `Conv1D`) — same
+names, shapes, initialisation and state_dict keys — and call :func:`manualbp.functional.linear`,
+whose backward is hand-written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.nn.utils import parametrize
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
 
-__all__ = ["Linear", "LinearAct", "MLP"]
+__all__ = ["Linear", "LinearAct", "MLP", "TransposedLinear"]
 
 
 def _check_features(name: str, value: Any) -> int:
@@ -232,3 +234,53 @@ class MLP(nn.Module):
         if self.mode != "network" or self.recompute:
             text += f", mode={self.mode}, recompute={self.recompute}"
         return text
+
+
+class TransposedLinear(nn.Module):
+    """a = f(x W + b) with W stored as (in_features, out_features), and a hand-written backward.
+
+    The replacement of `transformers.pytorch_utils.Conv1D` (GPT-2's projections): the same
+    parameters (`weight` (nx, nf), `bias` (nf,)), state_dict keys, `nf`/`nx` attributes and
+    initialisation; `activation` optionally fuses the activation that follows. The forward hands
+    the view `weight.t()` (no copy) to `manualbp.functional.linear`.
+    """
+
+    def __init__(
+        self,
+        nf: int,
+        nx: int,
+        activation: str | Activation = "identity",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        negative_slope: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.nf, self.nx = _check_features("nf", nf), _check_features("nx", nx)
+        self.act = get_activation(activation, negative_slope=negative_slope)
+        self.weight = nn.Parameter(torch.empty(self.nx, self.nf, device=device, dtype=dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.nf, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        nn.init.normal_(self.weight, std=0.02)  # Conv1D's own initialisation
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    @property
+    def activation(self) -> str:
+        return self.act.name
+
+    def forward(self, input: Tensor) -> Tensor:
+        return MF.linear(input, self.weight.t(), self.bias, self.act)
+
+    def extra_repr(self) -> str:
+        text = f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, activation={self.act.name}"
+        return text + (f", negative_slope={self.act.negative_slope}" if self.act.name == "leaky_relu" else "")

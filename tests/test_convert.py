@@ -174,12 +174,21 @@ def test_what_is_left_alone() -> None:
     report = convert(model)
     assert [name for name, _ in report.skipped] == ["0", "1", "6"]
     assert "hooks" in report.skipped[0][1] and "parametrizations" in report.skipped[1][1]
+    # Converted alone, and the report says why the activation after each stayed.
     assert report.replaced == [
-        Replacement("2", "torch.nn.Linear", "manualbp.Linear"),
-        Replacement("4", "torch.nn.Linear", "manualbp.Linear"),
+        Replacement(
+            "2",
+            "torch.nn.Linear",
+            "manualbp.Linear",
+            note="3: LeakyReLU(negative_slope=-0.5): the registry needs a slope >= 0",
+        ),
+        Replacement(
+            "4", "torch.nn.Linear", "manualbp.Linear", note="5: ReLU has hooks (they would no longer run)"
+        ),
     ]
+    assert report.unfused == [(r.name, r.note) for r in report.replaced]
     assert model[5] is act_hooked and type(model[3]) is nn.LeakyReLU
-    assert "2: torch.nn.Linear -> manualbp.Linear" in str(report)
+    assert "2: torch.nn.Linear -> manualbp.Linear (not fused: 3: LeakyReLU(" in str(report)
 
 
 def test_convert_is_idempotent_and_revert_skips_foreign_linear_act() -> None:

@@ -9,7 +9,7 @@ from manualbp import functional, jacobian, ops, optim
 from manualbp.activations import ACTIVATIONS, Activation, get_activation
 from manualbp.backends import BACKENDS, get_backend, set_backend, use_backend
 from manualbp.convert import ConversionReport, Replacement, convert, revert
-from manualbp.nn import MLP, Linear, LinearAct
+from manualbp.nn import MLP, Linear, LinearAct, TransposedLinear
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "Replacement",
     "Linear",
     "LinearAct",
+    "TransposedLinear",
     "convert",
     "functional",
     "jacobian",

@@ -36,18 +36,16 @@ directly: the results are still equal.
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from manualbp.activations import Activation, get_activation
-from manualbp.nn import Linear, LinearAct, TransposedLinear
+from manualbp.activations import Activation
+from manualbp.convert_activations import activation_entry, own_forward, qualname
+from manualbp.nn import Linear, LinearAct, TransposedLinear, has_hooks
 
 __all__ = ["ConversionReport", "Replacement", "convert", "revert"]
 
@@ -109,123 +107,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------ activations
-
-_TORCH_SIMPLE = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.Mish: "mish"}
-# Library activation classes whose forward alone fixes the formula.
-_LIBRARY_SIMPLE = {
-    "transformers.activations.NewGELUActivation": "gelu_tanh",
-    "transformers.activations.SiLUActivation": "silu",
-    "timm.layers.activations.GELU": "gelu",
-    "timm.layers.activations.GELUTanh": "gelu_tanh",
-    "timm.layers.activations.Swish": "silu",
-    "timm.layers.activations.Sigmoid": "sigmoid",
-    "timm.layers.activations.Tanh": "tanh",
-    "timm.layers.activations.Mish": "mish",
-}
-_NOT_EXACT = {
-    "transformers.activations.FastGELUActivation": (
-        "FastGELUActivation is tanh-GELU with the rounded constant 0.7978845608 for sqrt(2/pi): "
-        "no registry entry computes it exactly"
-    ),
-    "transformers.activations.QuickGELUActivation": "QuickGELUActivation is x*sigmoid(1.702x)",
-    "timm.layers.activations.QuickGELU": "QuickGELU is x*sigmoid(1.702x)",
-}
-_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations", "timm.layers.activations")
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _own_forward(module: nn.Module) -> bool:
-    """Whether `module` runs the forward written in its own class (not one replaced later)."""
-    cls = type(module)
-    fn = cls.__dict__.get("forward")
-    return (
-        "forward" not in module.__dict__
-        and getattr(fn, "__qualname__", None) == f"{cls.__qualname__}.forward"
-        and getattr(fn, "__module__", None) == cls.__module__
-    )
-
-
-def _is_method(value: Any, module: nn.Module, name: str) -> bool:
-    return getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is getattr(
-        type(module), name, None
-    )
-
-
-def _library_entry(module: nn.Module, name: str) -> tuple[str | None, str | None]:
-    """Registry name for a Hugging Face / timm activation instance, or (None, why)."""
-    if name in _LIBRARY_SIMPLE:
-        return _LIBRARY_SIMPLE[name], None
-    if name in _NOT_EXACT:
-        return None, _NOT_EXACT[name]
-    act, short = getattr(module, "act", None), type(module).__name__
-    if name == "transformers.activations.GELUActivation":
-        exact = act is F.gelu or _is_method(act, module, "_gelu_python")
-        return ("gelu", None) if exact else (None, f"{short}.act is {act!r}, not the erf GELU")
-    if name == "transformers.activations.GELUTanh":
-        exact = _is_method(act, module, "_gelu_tanh_python") or (
-            isinstance(act, functools.partial)
-            and (act.func, act.args, act.keywords) == (F.gelu, (), {"approximate": "tanh"})
-        )
-        return ("gelu_tanh", None) if exact else (None, f"{short}.act is {act!r}, not the tanh GELU")
-    if name == "transformers.activations.AccurateGELUActivation":
-        exact = getattr(module, "precomputed_constant", None) == math.sqrt(2 / math.pi)
-        return ("gelu_tanh", None) if exact else (None, f"{short}.precomputed_constant is not sqrt(2/pi)")
-    if name == "transformers.activations.MishActivation":
-        exact = act is F.mish or _is_method(act, module, "_mish_python")
-        return ("mish", None) if exact else (None, f"{short}.act is {act!r}, not Mish")
-    return None, f"{short} is not in the registry"
-
-
-def _torch_entry(module: nn.Module) -> tuple[Activation | None, str | None]:
-    kind = type(module)
-    if kind in _TORCH_SIMPLE:
-        return get_activation(_TORCH_SIMPLE[kind]), None
-    # isinstance (after the exact-type test) narrows the type for the attribute reads.
-    if kind is nn.GELU and isinstance(module, nn.GELU):
-        names = {"none": "gelu", "tanh": "gelu_tanh"}
-        if module.approximate in names:
-            return get_activation(names[module.approximate]), None
-        return None, f"GELU(approximate={module.approximate!r}) is not in the registry"
-    if kind is nn.LeakyReLU and isinstance(module, nn.LeakyReLU):
-        slope = float(module.negative_slope)
-        if slope >= 0:
-            return get_activation("leaky_relu", negative_slope=slope), None
-        return None, f"LeakyReLU(negative_slope={slope}): the registry needs a slope >= 0"
-    if kind is nn.Softplus and isinstance(module, nn.Softplus):
-        if module.beta == 1 and module.threshold == 20:
-            return get_activation("softplus"), None
-        return None, (
-            f"Softplus(beta={module.beta}, threshold={module.threshold}): the registry's softplus "
-            "has beta=1, threshold=20"
-        )
-    return None, f"{kind.__name__} is not in the registry"
-
-
-def _activation_entry(module: nn.Module) -> tuple[Activation | None, str | None]:
-    """(registry entry computing exactly what `module` computes, None), or (None, why not) for
-    an activation-like module, or (None, None) for anything else (Dropout, LayerNorm, ...)."""
-    kind = type(module)
-    if isinstance(module, nn.MultiheadAttention) or not any(
-        c.__module__ in _ACTIVATION_MODULES for c in kind.__mro__
-    ):
-        return None, None
-    name = _qualname(kind)
-    if kind.__module__ not in _ACTIVATION_MODULES:
-        return None, f"{kind.__name__} subclasses a library activation: its forward may differ"
-    if _has_hooks(module):
-        return None, f"{kind.__name__} has hooks (they would no longer run)"
-    if not _own_forward(module):
-        return None, f"{kind.__name__}.forward was replaced (e.g. by a kernel hub)"
-    if kind.__module__ == "torch.nn.modules.activation":
-        return _torch_entry(module)
-    entry, why = _library_entry(module, name)
-    return (get_activation(entry), None) if entry is not None else (None, why)
-
-
 # ------------------------------------------------------------------------------------ patterns
 
 # Blocks whose forward applies `activation` to `projection`'s output, and to nothing else.
@@ -252,17 +133,17 @@ class _Plan:
 def _plan(parent: nn.Module, children: list[tuple[str, nn.Module]]) -> dict[str, _Plan]:
     """Which linear-like children of `parent` take which activation child in."""
     kind = type(parent)
-    if _qualname(kind) in _BLOCKS:
-        proj, slot = _BLOCKS[_qualname(kind)]
+    if qualname(kind) in _BLOCKS:
+        proj, slot = _BLOCKS[qualname(kind)]
         act_module = parent._modules.get(slot)
-        if not _own_forward(parent):
+        if not own_forward(parent):
             return {proj: _Plan(note=f"{kind.__name__}.forward was replaced")}
         if not isinstance(act_module, nn.Module):
             return {proj: _Plan(note=f"{slot} is a function, not a module")}
         return {proj: _decide(slot, act_module)}
     plans: dict[str, _Plan] = {}
     for (name, child), (next_name, next_child) in zip(children, children[1:]):
-        if not _linear_like(child) or _activation_entry(next_child) == (None, None):
+        if not _linear_like(child) or activation_entry(next_child) == (None, None):
             continue
         if isinstance(parent, nn.Sequential) and _sequential_forward(parent):
             plans[name] = _decide(next_name, next_child)
@@ -281,7 +162,7 @@ def _sequential_forward(parent: nn.Module) -> bool:
 
 
 def _decide(slot: str, module: nn.Module) -> _Plan:
-    act, why = _activation_entry(module)
+    act, why = activation_entry(module)
     if act is not None:
         return _Plan(slot, act)
     if type(module) is nn.Identity:
@@ -292,13 +173,8 @@ def _decide(slot: str, module: nn.Module) -> _Plan:
 # ------------------------------------------------------------------------------------ checks
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
-    return any(len(h) > 0 for h in (*hooks, module._backward_pre_hooks))
-
-
 def _is_conv1d(module: nn.Module) -> bool:
-    return any(_qualname(c) == _CONV1D for c in type(module).__mro__)
+    return any(qualname(c) == _CONV1D for c in type(module).__mro__)
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -310,9 +186,9 @@ def _why_not(module: nn.Module) -> str | None:
     kind = type(module)
     if parametrize.is_parametrized(module):  # checked first: it makes a subclass on the fly
         return "has parametrizations (its weight is computed, not a Parameter)"
-    if kind is not nn.Linear and _qualname(kind) != _CONV1D:
+    if kind is not nn.Linear and qualname(kind) != _CONV1D:
         return _subclass_reason(module)
-    if _has_hooks(module):
+    if has_hooks(module):
         return "has hooks (they are bound to the old module)"
     if "forward" in module.__dict__:
         return "its forward was replaced on the instance"
@@ -392,7 +268,7 @@ def _describe(module: nn.Module) -> str:
         return "manualbp.nn.TransposedLinear" + (f"({act})" if act != "identity" else "")
     if isinstance(module, Linear):
         return "manualbp.Linear"
-    return "torch.nn.Linear" if type(module) is nn.Linear else _qualname(type(module))
+    return "torch.nn.Linear" if type(module) is nn.Linear else qualname(type(module))
 
 
 # ------------------------------------------------------------------------------------ convert
@@ -409,7 +285,7 @@ def convert(model: nn.Module, *, fuse_activations: bool = True) -> ConversionRep
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(fuse_activations, bool):
         raise TypeError(f"fuse_activations: expected a bool, got {type(fuse_activations).__name__}")
-    if type(model) is nn.Linear or _qualname(type(model)) == _CONV1D:
+    if type(model) is nn.Linear or qualname(type(model)) == _CONV1D:
         bare = "nn.Linear" if type(model) is nn.Linear else "Conv1D"
         raise ValueError(
             f"model: got a bare {bare}, which cannot be replaced in place; expected a "

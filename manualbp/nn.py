@@ -134,14 +134,13 @@ def _must_call(layers: nn.ModuleList) -> bool:
         or nn.modules.module._global_backward_pre_hooks
     ):
         return True
-    return any(
-        layer._forward_hooks
-        or layer._forward_pre_hooks
-        or layer._backward_hooks
-        or layer._backward_pre_hooks
-        or parametrize.is_parametrized(layer)
-        for layer in layers
-    )
+    return any(has_hooks(layer) or parametrize.is_parametrized(layer) for layer in layers)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether the module has its own forward, pre-forward or backward hooks."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+    return any(len(h) > 0 for h in (*hooks, module._backward_pre_hooks))
 
 
 class MLP(nn.Module):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.utils.prune
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import Tensor, nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap

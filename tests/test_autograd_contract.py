@@ -351,6 +351,26 @@ def test_network_mode_without_hooks_stays_one_node() -> None:
     assert "MLPFunction" in type(out.grad_fn).__name__
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_around_layers_matches_native(use_reentrant: bool) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    model = nn.Sequential(mbp.LinearAct(4, 6, "gelu"), mbp.MLP([6, 5, 3], activation="silu")).to(F64)
+    native = nn.Sequential(_native_mlp(model[1]))
+    layer = model[0]
+    x = _data(F64, 7, 4)
+    xi = leaf(x)
+    ref = native(native_linear_act(xi, layer.weight, layer.bias, "gelu"))
+    expected = torch.autograd.grad(ref.pow(2).sum(), [xi, *model.parameters()])
+    xi = leaf(x)
+    h = checkpoint(layer, xi, use_reentrant=use_reentrant)
+    out = checkpoint(model[1], h, use_reentrant=use_reentrant)
+    out.pow(2).sum().backward()  # (reentrant checkpointing does not take autograd.grad)
+    ours = [xi.grad, *(p.grad for p in model.parameters())]
+    for o, e in zip(ours, expected, strict=True):
+        assert rel_err(o, e) <= TOL[F64]
+
+
 # ------------------------------------------------------------------------------ autocast
 
 

@@ -170,6 +170,7 @@ def save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: 
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     kept = grads if reduction != "none" else []
     ctx.save_for_backward(*kept, x, weight, bias, target)
+    ctx.save_for_forward(x, weight, bias, target)  # jvp
     ctx.n_grads = len(kept)
 
 

@@ -376,6 +376,34 @@ def test_network_mode_honours_hooks_and_parametrizations(how: str) -> None:
         assert calls == ["bw", "bw"]
 
 
+@pytest.mark.slow
+def test_fsdp2_per_layer_sharding_of_a_network_mode_mlp(tmp_path) -> None:
+    """fully_shard on every layer and the root (two gloo ranks on 127.0.0.1): every gathered
+    gradient equals the unsharded model's."""
+    import json
+    import os
+    import socket
+    import sys
+    from pathlib import Path
+
+    from tests.processes import run_bounded
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "tests.fsdp_mlp", tmp_path]
+    done = run_bounded(command, cwd=root, env=env, idle_timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(record["errors"]) == 6
+        for name, error in record["errors"]:
+            assert error <= TOL[F64], (rank, name, error)
+
+
 def test_network_mode_without_hooks_stays_one_node() -> None:
     model = mbp.MLP([4, 6, 3], dtype=F64)
     out = model(_data(F64, 2, 4).requires_grad_())

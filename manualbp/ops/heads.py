@@ -172,7 +172,6 @@ def _ce_head(
     return head
 
 
-
 class LinearCrossEntropyFunction(PositionalFunction):
     """C = reduce_i [logsumexp(x_i Wᵀ + b) − (x_i Wᵀ + b)[t_i]], gradients precomputed per chunk.
 
@@ -390,7 +389,6 @@ linear_cross_entropy_forward.register_autograd(
 )
 
 
-
 # ------------------------------------------------------------------------------ entry point
 
 
@@ -420,7 +418,6 @@ def _check_class_target(target: Any, x: Tensor, ignore_index: int) -> Tensor:
             "expected all tensors on the same device"
         )
     return target
-
 
 
 def linear_cross_entropy(

@@ -164,7 +164,6 @@ def _mse_differentiable_backward(ctx: Any, grad_loss: Tensor) -> tuple:
     return (*grads, grad_target, None, None, None, None)
 
 
-
 # ------------------------------------------------------------------------------ custom ops
 
 
@@ -274,7 +273,6 @@ linear_mse_forward.register_autograd(
     lambda ctx, grad_loss, *_: head_backward(_mse_op_backward, no_graph_backward, ctx, grad_loss),
     setup_context=_mse_op_setup_context,
 )
-
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -381,18 +381,12 @@ def test_fsdp2_per_layer_sharding_of_a_network_mode_mlp(tmp_path) -> None:
     """fully_shard on every layer and the root (two gloo ranks on 127.0.0.1): every gathered
     gradient equals the unsharded model's."""
     import json
-    import os
-    import socket
     import sys
     from pathlib import Path
 
-    from tests.processes import run_bounded
+    from tests.processes import loopback_dist_env, run_bounded
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    env = loopback_dist_env()
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "tests.fsdp_mlp", tmp_path]
     done = run_bounded(command, cwd=root, env=env, idle_timeout=600)

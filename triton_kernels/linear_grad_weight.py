@@ -4,9 +4,24 @@
                                      (ACT = identity: grad_out is δ and saved is not read)
     x        (M, K)                  the layer input (any strides)
     grad_weight (N, K) = δᵀ x        reduction over the M rows
-    grad_bias   (N,)   = Σ_m δ       fused: the programs of the first K-tile column also sum
-                                     their δ tiles over rows (BLOCK_M·BLOCK_N adds per
-                                     BLOCK_M·BLOCK_N·BLOCK_K multiply-adds of the dot)
+    grad_bias   (N,)   = Σ_m δ       fused, deterministic, with no cross-thread work in the loop:
+                                     16-bit with a dot: Σ_m δ[m, n] = (δᵀ 1)[n], a second
+                                     (BLOCK_N, 16) wgmma on the δ tile already in shared memory,
+                                     its column 0 kept (+12.5 % tensor work at BLOCK_K = 128,
+                                     ~10 instructions per step); otherwise the δ tiles are added
+                                     elementwise into a (BLOCK_M, BLOCK_N) fp32 register
+                                     accumulator whose rows are reduced once, after the loop
+
+The bias sum must not be a second use of the load that feeds the dot. Triton gives a load that
+feeds an async wgmma one extra shared-memory slot (the wgmma of step i is still in flight when
+the copy of step i + stages - 1 is issued) only when the dot is the load's single use; with the
+sum as a second use the δ ring had `stages - 1` slots and the copy overwrote the tile the
+in-flight wgmma read (a data race, GPU_AUDIT.md finding A), and the sum reduced across warps
+every step (finding B). The bias wgmma reads the same shared-memory tile (one use of the load:
+its shared-memory buffer); fp32 with ACT = identity (where the dot may be a tf32 wgmma, which
+must not round the bias) reads its own copy of the tile (`cache_modifier=".ca"`, a distinct
+load, masked off outside the first K-tile column so it costs no memory traffic there). The ring
+sizes are checked on the compiled TTGIR of every variant (`aot.ring_problems`).
 
 Split-K (the GEMM's reduction dimension is M here). When M ≫ N·K / tile², the (N, K) output has
 too few tiles to occupy every SM, while each tile loops over all M rows. The launcher then
@@ -71,7 +86,14 @@ def grad_weight_kernel(
     m_end = tl.minimum(m_start + rows_per_split, M)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # The bias sum (module docstring): by a wgmma on the δ tile (16-bit with a dot), else
+    # elementwise into a 2-D accumulator whose rows are reduced after the loop.
+    bias_by_mma = HAS_WEIGHT and ACT == IDENTITY and grad_ptr.dtype.element_ty != tl.float32
+    bias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias_mma = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    ones = tl.full((BLOCK_M, 16), 1.0, dtype=grad_ptr.dtype.element_ty)
+    bias_col = pid_k == 0  # the only K-tile column whose bias sum is stored
+    mask_n_bias = offs_n < tl.where(bias_col, N, 0)  # the fp32 reload: nothing read elsewhere
     for m0 in range(m_start, m_end, BLOCK_M):
         m = m0 + offs_m
         mask_m = m < m_end
@@ -91,7 +113,24 @@ def grad_weight_kernel(
         else:
             delta = g
         if HAS_BIAS:
-            bias_acc += tl.sum(upcast(delta, UPCAST).to(tl.float32), axis=0)
+            if bias_by_mma:
+                bias_mma = tl.dot(
+                    tl.trans(upcast(delta, UPCAST)),
+                    upcast(ones, UPCAST),
+                    bias_mma,
+                    input_precision=INPUT_PRECISION,
+                )
+            elif HAS_WEIGHT and ACT == IDENTITY:
+                # Its own load of the δ tile: the dot stays the single use of `g` (docstring).
+                delta_b = tl.load(
+                    grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n_bias[None, :],
+                    other=0.0,
+                    cache_modifier=".ca",
+                )
+                bias_acc += upcast(delta_b, UPCAST).to(tl.float32)
+            else:  # δ in registers already (prologue), or no dot (bias only)
+                bias_acc += upcast(delta, UPCAST).to(tl.float32)
         if HAS_WEIGHT:
             x = tl.load(
                 x_ptr + m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -112,9 +151,14 @@ def grad_weight_kernel(
         tl.store(gw_ptrs, downcast(acc, gw_ptr.dtype.element_ty, UPCAST), mask=mask)
     if HAS_BIAS:
         # Every K-tile column summed the same δ; the first one stores it.
-        if pid_k == 0:
+        if bias_col:
+            if bias_by_mma:  # column 0 of δᵀ 1 (adding zeros is exact)
+                cols = tl.arange(0, 16)
+                bias = tl.sum(tl.where(cols[None, :] == 0, bias_mma, 0.0), axis=1)
+            else:
+                bias = tl.sum(bias_acc, axis=0)  # one cross-thread reduction per program
             gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
-            tl.store(gb_ptrs, downcast(bias_acc, gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+            tl.store(gb_ptrs, downcast(bias, gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
 
 
 @triton.jit

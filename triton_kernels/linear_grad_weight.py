@@ -52,6 +52,7 @@ from ._utils import (
     upcast,
 )
 from .activations import IDENTITY, check_act_id, delta_tile
+from .delta import linear_delta
 from .linear_forward import grouped_tile
 
 
@@ -207,10 +208,6 @@ CONFIGS = {
         gemm_config(64, 128, 64, 8, 3, "GROUP_N"),
         gemm_config(64, 64, 64, 4, 4, "GROUP_N"),
     ],
-    "prologue": [
-        gemm_config(32, 128, 64, 8, 4, "GROUP_N"),
-        gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
-    ],
     "prologue_sm80": [
         gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
     ],
@@ -230,7 +227,9 @@ def config_flavour(act_id: int, capability: tuple[int, int], dtype: torch.dtype)
     if dtype == torch.float32 and (act_id != 0 or not hopper):
         return "fp32_fused"
     if act_id != 0:
-        return "prologue" if hopper else "prologue_sm80"
+        if hopper:
+            raise ValueError("a 16-bit sm_90 prologue is routed through the δ pass (prologue_serializes)")
+        return "prologue_sm80"
     return "plain" if hopper else "plain_sm80"
 
 
@@ -294,6 +293,10 @@ def linear_grad_weight(
         check_tensor("saved", saved, (M, N), dtype, device)
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"split_k: got {split_k!r}, expected None or an int >= 1")
+    if act_id != 0 and _utils.prologue_serializes(device, dtype):
+        # sm_90, 16-bit: a prologue would serialise the wgmma; δ pass, then the plain GEMM.
+        grad_out = linear_delta(grad_out, saved, act_id, negative_slope)
+        act_id, saved = 0, None
     alloc = alloc or _utils.empty
     gw = alloc((N, K), dtype, device) if need_weight else None
     gb = alloc((N,), dtype, device) if need_bias else None

@@ -528,10 +528,14 @@ def sass_main_loop(sass: str) -> dict:
         if mma and (best is None or hi - lo < best[1] - best[0]):
             best = (lo, hi, body)
     if best is None:
-        return {"loop_insts": None, "loop_hgmma": 0, "loop_bars": 0, "wgmma_serialized": False}
+        return {
+            "loop_insts": None, "loop_wg_macs": 0, "loop_hgmma": 0, "loop_bars": 0, "wgmma_serialized": False,
+        }  # fmt: skip
     body = best[2]
+    shapes = [re.search(r"\bHGMMA\.(\d+)x(\d+)x(\d+)", t) for t in body]
     return {
         "loop_insts": len(body),
+        "loop_wg_macs": sum(int(m[1]) * int(m[2]) * int(m[3]) for m in shapes if m),
         "loop_hgmma": sum(1 for t in body if re.search(r"\bHGMMA\b", t)),
         "loop_bars": sum(1 for t in body if re.search(r"\bBAR\.(?:SYNC|ARV|RED)", t)),
         "wgmma_serialized": any(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", t) for t in body),
@@ -571,12 +575,102 @@ def compile_one(job: tuple[Variant, int]) -> dict:
         record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass.stdout))
         record["tma"] = "UTMALDG" in sass.stdout
         record.update(sass_main_loop(sass.stdout))
+        record["sass_insts"] = len(_SASS_LINE.findall(sass.stdout))
         record["rings"] = ring_report(kernel.asm["ttgir"])
+        record["model"] = cost_model(record)
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others
         record["error"] = f"{type(err).__name__}: {err}"
     record["compile_s"] = round(time.perf_counter() - t0, 2)
     return record
+
+
+# The cost model's machine (H100/H200 SXM, sm_90) and baselines; GPU_AUDIT.md §3.
+SMS = 132
+TENSOR_FMA_PER_CLK = 2048  # dense 16-bit wgmma FMAs per clock per SM (989 TFLOP/s at 1.83 GHz)
+ISSUE_PER_CLK = 4  # one warp instruction per clock per scheduler, 4 schedulers per SM
+PEAK_FLOPS = 790e12  # 16-bit dense, measured class of an H200
+BANDWIDTH = 4.8e12  # bytes/s of HBM
+REGS_PER_SM, SMEM_PER_SM = 65536, 228 * 1024
+BAR_CLK = 40  # issue clocks lost per CTA-wide barrier beyond the pipeline's own 2
+FILL_CLK = 1500  # pipeline fill and drain per output tile
+BASE = {"cp.async": 0.85, "tma_persistent": 0.92}
+CUBLAS_EFFICIENCY = 0.905  # 715 of 790 TFLOP/s: the modelled cuBLAS-class GEMM
+SHAPES = ((8192, 4096, 4096), (8192, 1024, 1024))  # (M, N, K): rows, out_features, in_features
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ctas_per_sm(regs: int, warps: int, shared: int) -> int:
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    return max(0, min(REGS_PER_SM // (per_warp * warps), SMEM_PER_SM // (shared + 1024), 64 // warps))
+
+
+def cost_model(record: dict) -> dict | None:
+    """Modelled fraction of a cuBLAS-class GEMM for a 16-bit sm_90 GEMM record, from its SASS.
+
+    Per K-step of one CTA: tensor clk = warpgroups × Σ (m·n·k of the loop's HGMMAs) / 2048;
+    issue clk = warps × loop instructions / 4 + 40 per BAR beyond 2. Occupancy from registers
+    (per-warp units of 256), shared memory (+1 KiB reserved per CTA) and 64 warps per SM.
+    η_loop = min(base, tensor / issue) (base 0.85 for the cp.async, depth-1 wgmma loop; 0.92 for
+    a TMA persistent one); η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)),
+    overlap 0 at 1 CTA/SM, 0.5 at 2+, 0.9 persistent, epilogue issue = warps × (SASS outside the
+    loop) / 4; η_wave = CTAs / (132 · CTA/SM · ⌈CTAs / (132 · CTA/SM)⌉). Time = max(FLOP /
+    (790 TFLOP/s · η_loop · η_pe · η_wave), compulsory bytes / 4.8 TB/s) against cuBLAS at
+    715 TFLOP/s (η = 0.905) on the same bytes. grad_weight is split over M as `choose_split`
+    does on 132 SMs (its fp32 partials counted as bytes). ±10 % on the bases (GPU_AUDIT.md §3).
+    """
+    if not (sixteen_bit_sm90_gemm(record) and record["loop_wg_macs"]):
+        return None
+    m = re.match(r"(\d+)x(\d+)x(\d+) w(\d+) s(\d+)", record["config"])
+    bm, bn, bk, warps = (int(m[i]) for i in range(1, 5))
+    persistent = bool(record.get("persistent"))
+    base = BASE["tma_persistent" if persistent and record["tma"] else "cp.async"]
+    tensor = warps // 4 * record["loop_wg_macs"] / TENSOR_FMA_PER_CLK
+    issue = warps * record["loop_insts"] / ISSUE_PER_CLK + BAR_CLK * max(0, record["loop_bars"] - 2)
+    ctas = _ctas_per_sm(record["regs"], warps, record["shared"])
+    eta_loop = min(base, tensor / issue)
+    epilogue = warps * (record["sass_insts"] - record["loop_insts"]) / ISSUE_PER_CLK
+    overlap = 0.9 if persistent else (0.5 if ctas >= 2 else 0.0)
+    out = {
+        "tensor_clk": round(tensor), "issue_clk": round(issue), "ctas_per_sm": ctas,
+        "eta_loop": round(eta_loop, 3), "shapes": {},
+    }  # fmt: skip
+    from .activations import ACTIVATION_IDS, uses_output
+
+    stores_z = record["kernel"] == "forward" and not uses_output(ACTIVATION_IDS[record["act"]])
+    for M, N, K in SHAPES:
+        flops = 2 * M * N * K
+        esize = 2
+        split, extra = 1, 0
+        if record["kernel"] == "forward":  # out (M, N), reduction over K in BLOCK_K steps
+            tiles, steps = _cdiv(M, bm) * _cdiv(N, bn), _cdiv(K, bk)
+            compulsory = (M * K + N * K + M * N * (2 if stores_z else 1)) * esize
+        elif record["kernel"] == "grad_input":  # out (M, K), reduction over N
+            tiles, steps = _cdiv(M, bm) * _cdiv(K, bk), _cdiv(N, bn)
+            compulsory = (M * N + N * K + M * K) * esize
+        else:  # grad_weight: out (N, K), reduction over M, split as choose_split on 132 SMs
+            nominal = _cdiv(N, 128) * _cdiv(K, 128)
+            if nominal < SMS:
+                split = max(1, min(_cdiv(SMS, nominal), M // 2048, 32))
+            rows = _cdiv(_cdiv(M, split), 64) * 64
+            split = _cdiv(M, rows)
+            tiles, steps = _cdiv(N, bn) * _cdiv(K, bk) * split, _cdiv(rows, bm)
+            compulsory = (M * N + M * K + N * K) * esize
+            extra = 2 * split * N * K * 4 if split > 1 else 0
+        main = steps * tensor / eta_loop
+        eta_pe = main / (main + (FILL_CLK + epilogue) * (1 - overlap))
+        slots = SMS * max(ctas, 1)
+        eta_wave = tiles / (slots * -(-tiles // slots))
+        ours = max(flops / (PEAK_FLOPS * eta_loop * eta_pe * eta_wave), (compulsory + extra) / BANDWIDTH)
+        cublas = max(flops / (PEAK_FLOPS * CUBLAS_EFFICIENCY), compulsory / BANDWIDTH)
+        out["shapes"][f"{M}x{N}x{K}"] = {
+            "split": split, "ctas": tiles, "eta_pe": round(eta_pe, 3), "eta_wave": round(eta_wave, 3),
+            "fraction": round(cublas / ours, 3),
+        }  # fmt: skip
+    return out
 
 
 def sixteen_bit_sm90_gemm(record: dict) -> bool:

@@ -124,6 +124,11 @@ CONFIGS = {
         gemm_config(64, 64, 128, 4, 4),
         gemm_config(64, 64, 64, 4, 4),
     ],
+    # float32 plain on sm_90: 128 × 64 × 128 w8 s3 spills under Triton 3.6.
+    "fp32_plain": [
+        gemm_config(64, 64, 128, 4, 4),
+        gemm_config(64, 64, 64, 4, 4),
+    ],
     "epilogue": [
         gemm_config(64, 64, 64, 8, 3),
         gemm_config(64, 32, 64, 4, 3),
@@ -151,7 +156,7 @@ def config_flavour(
     if dtype == torch.float32 and capability < (9, 0):
         return "fp32_sm80"
     if act_id == 0 and prev_act_id == 0:
-        return "plain"
+        return "fp32_plain" if dtype == torch.float32 else "plain"
     if dtype == torch.float32:
         return "fp32_fused"
     if prev_act_id != 0:

@@ -4,24 +4,20 @@
                                      (ACT = identity: grad_out is δ and saved is not read)
     x        (M, K)                  the layer input (any strides)
     grad_weight (N, K) = δᵀ x        reduction over the M rows
-    grad_bias   (N,)   = Σ_m δ       fused, deterministic, with no cross-thread work in the loop:
-                                     16-bit with a dot: Σ_m δ[m, n] = (δᵀ 1)[n], a second
-                                     (BLOCK_N, 16) wgmma on the δ tile already in shared memory,
-                                     its column 0 kept (+12.5 % tensor work at BLOCK_K = 128,
-                                     ~10 instructions per step); otherwise the δ tiles are added
+    grad_bias   (N,)   = Σ_m δ       fused into the same launch by ⌈N/BLOCK_N⌉ extra programs
+                                     (the first ones of the grid, so they run in the first wave,
+                                     beside the GEMM tiles): each adds its δ column tiles
                                      elementwise into a (BLOCK_M, BLOCK_N) fp32 register
-                                     accumulator whose rows are reduced once, after the loop
+                                     accumulator and reduces its rows once, after the loop
 
-The bias sum must not be a second use of the load that feeds the dot. Triton gives a load that
-feeds an async wgmma one extra shared-memory slot (the wgmma of step i is still in flight when
-the copy of step i + stages - 1 is issued) only when the dot is the load's single use; with the
-sum as a second use the δ ring had `stages - 1` slots and the copy overwrote the tile the
-in-flight wgmma read (a data race, GPU_AUDIT.md finding A), and the sum reduced across warps
-every step (finding B). The bias wgmma reads the same shared-memory tile (one use of the load:
-its shared-memory buffer); fp32 with ACT = identity (where the dot may be a tf32 wgmma, which
-must not round the bias) reads its own copy of the tile (`cache_modifier=".ca"`, a distinct
-load, masked off outside the first K-tile column so it costs no memory traffic there). The ring
-sizes are checked on the compiled TTGIR of every variant (`aot.ring_problems`).
+The bias sum is not computed in the GEMM's loop. There it was a second use of the δ load, and
+Triton gives a load that feeds an async wgmma its extra shared-memory slot (the wgmma of step i
+is still in flight when the copy of step i + stages - 1 is issued) only when the dot is its
+single use: the δ ring had `stages - 1` slots and the copy overwrote the tile the in-flight
+wgmma read (a data race, GPU_AUDIT.md finding A), and the sum reduced across warps every step
+(finding B). Kept out of the loop, the GEMM tiles run the plain pipelined loop; a bias program
+reads M·BLOCK_N elements of δ, memory-bound, once (not once per K-tile column). The ring sizes
+are checked on the compiled TTGIR of every variant (`aot.ring_report`).
 
 Split-K (the GEMM's reduction dimension is M here). When M ≫ N·K / tile², the (N, K) output has
 too few tiles to occupy every SM, while each tile loops over all M rows. The launcher then
@@ -74,65 +70,46 @@ def grad_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):  # fmt: skip
-    # Output tile (pid_n, pid_k) of the (N, K) result; grid axis 1 is the split of M.
-    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    # Grid axis 0: first ⌈N/BLOCK_N⌉ bias programs (HAS_BIAS), then the ⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉
+    # output tiles of the (N, K) weight gradient (HAS_WEIGHT); axis 1 is the split of M.
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_bias = num_n if HAS_BIAS else 0
+    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
     # This program's rows: [m_start, m_end); rows_per_split is a multiple of BLOCK_M.
     m_start = pid_s.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # The bias sum (module docstring): by a wgmma on the δ tile (16-bit with a dot), else
-    # elementwise into a 2-D accumulator whose rows are reduced after the loop.
-    bias_by_mma = HAS_WEIGHT and ACT == IDENTITY and grad_ptr.dtype.element_ty != tl.float32
-    bias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_mma = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    ones = tl.full((BLOCK_M, 16), 1.0, dtype=grad_ptr.dtype.element_ty)
-    bias_col = pid_k == 0  # the only K-tile column whose bias sum is stored
-    mask_n_bias = offs_n < tl.where(bias_col, N, 0)  # the fp32 reload: nothing read elsewhere
-    for m0 in range(m_start, m_end, BLOCK_M):
-        m = m0 + offs_m
-        mask_m = m < m_end
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        g = tl.load(
-            grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-            mask=mask_mn,
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_N)
-        if ACT != IDENTITY:
-            s = tl.load(
-                saved_ptr + m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
-                mask=mask_mn,
-                other=0.0,
-            )
-            delta = downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
-        else:
-            delta = g
-        if HAS_BIAS:
-            if bias_by_mma:
-                bias_mma = tl.dot(
-                    tl.trans(upcast(delta, UPCAST)),
-                    upcast(ones, UPCAST),
-                    bias_mma,
-                    input_precision=INPUT_PRECISION,
-                )
-            elif HAS_WEIGHT and ACT == IDENTITY:
-                # Its own load of the δ tile: the dot stays the single use of `g` (docstring).
-                delta_b = tl.load(
-                    grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                    mask=mask_m[:, None] & mask_n_bias[None, :],
-                    other=0.0,
-                    cache_modifier=".ca",
-                )
-                bias_acc += upcast(delta_b, UPCAST).to(tl.float32)
-            else:  # δ in registers already (prologue), or no dot (bias only)
-                bias_acc += upcast(delta, UPCAST).to(tl.float32)
-        if HAS_WEIGHT:
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    if pid < num_bias:
+        # grad_bias[n-tile] = Σ_m δ: δ tiles added elementwise into a 2-D fp32 accumulator (no
+        # cross-thread work in the loop), its rows reduced once after it.
+        offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = offs_n < N
+        bias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            m = m0 + offs_m
+            delta = _delta_tile(
+                grad_ptr, saved_ptr, m, offs_n, m < m_end, mask_n,
+                stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, ACT, UPCAST,
+            )  # fmt: skip
+            bias_acc += upcast(delta, UPCAST).to(tl.float32)
+        gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
+        tl.store(gb_ptrs, downcast(tl.sum(bias_acc, axis=0), gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+    elif HAS_WEIGHT:
+        # Output tile (pid_n, pid_k) of the (N, K) weight gradient: δᵀ x over this program's rows.
+        pid_n, pid_k = grouped_tile(pid - num_bias, num_n, tl.cdiv(K, BLOCK_K), GROUP_N)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_n = offs_n < N
+        mask_k = offs_k < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            m = m0 + offs_m
+            mask_m = m < m_end
+            delta = _delta_tile(
+                grad_ptr, saved_ptr, m, offs_n, mask_m, mask_n,
+                stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, ACT, UPCAST,
+            )  # fmt: skip
             x = tl.load(
                 x_ptr + m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :],
@@ -144,22 +121,27 @@ def grad_weight_kernel(
                 acc,
                 input_precision=INPUT_PRECISION,
             )
-
-    if HAS_WEIGHT:
         gw_ptrs = gw_ptr + pid_s.to(tl.int64) * stride_ws
         gw_ptrs += offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         mask = mask_n[:, None] & mask_k[None, :]
         tl.store(gw_ptrs, downcast(acc, gw_ptr.dtype.element_ty, UPCAST), mask=mask)
-    if HAS_BIAS:
-        # Every K-tile column summed the same δ; the first one stores it.
-        if bias_col:
-            if bias_by_mma:  # column 0 of δᵀ 1 (adding zeros is exact)
-                cols = tl.arange(0, 16)
-                bias = tl.sum(tl.where(cols[None, :] == 0, bias_mma, 0.0), axis=1)
-            else:
-                bias = tl.sum(bias_acc, axis=0)  # one cross-thread reduction per program
-            gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
-            tl.store(gb_ptrs, downcast(bias, gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+
+
+@triton.jit
+def _delta_tile(
+    grad_ptr, saved_ptr, m, offs_n, mask_m, mask_n,
+    stride_gm, stride_gn, stride_sm, stride_sn, negative_slope,
+    ACT: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The (rows m, columns offs_n) tile of δ = grad_out ⊙ f′(saved), in the storage dtype
+    (ACT = identity: grad_out itself, `saved` not read); zero outside the masks."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    g = tl.load(grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    if ACT != IDENTITY:
+        s = tl.load(saved_ptr + m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+        return downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
+    else:
+        return g
 
 
 @triton.jit
@@ -357,7 +339,9 @@ def linear_grad_weight(
     )
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K_eff, meta["BLOCK_K"]), split)
+        tiles_n = triton.cdiv(N, meta["BLOCK_N"])
+        weight_tiles = tiles_n * triton.cdiv(K, meta["BLOCK_K"]) if need_weight else 0
+        return ((tiles_n if need_bias else 0) + weight_tiles, split)
 
     _utils.launch_gemm(
         grad_weight_kernel, grid, args, flags,

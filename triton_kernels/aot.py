@@ -417,10 +417,11 @@ def ring_report(ttgir: str) -> list[dict]:
     twice (steady state), tracking the wgmma groups still pending (`isAsync` dots push a group;
     `warp_group_dot_wait {pendings = P}` keeps the newest P; a synchronous dot retires all).
     At each copy into the ring in iteration t the slots in use are the `ahead` steps t+1 … t+ahead
-    (the new one included) plus every step ≤ t whose reads of the ring are not over: steps with
-    a pending group that reads it, and t itself when its first reader comes after the copy.
-    `needed` is the most slots in use at any copy; `slots < needed` is a race (the copy
-    overwrites a tile a wgmma may still read: undefined behaviour in PTX).
+    (the new one included) plus every step ≤ t that a pending wgmma group still reads from the
+    ring. `needed` is the most slots in use at any copy; `slots < needed` is a race (the copy
+    overwrites a tile a wgmma may still read: undefined behaviour in PTX). Synchronous readers
+    (`local_load` into registers for mma.sync or a register-A wgmma) are ordered by program
+    order, which the pipeliner keeps before the copy into their slot.
     """
     lines = ttgir.splitlines()
     rings: dict[str, dict] = {}
@@ -468,32 +469,19 @@ def ring_report(ttgir: str) -> list[dict]:
         pending: list[tuple[int, set[str]]] = []  # (iteration, rings read) of pending groups
         needed = 0
         for it in (0, 1):
-            read_now = False
-            for k, line in enumerate(body):
+            for line in body:
                 code = line.split(" loc(")[0]
                 _, operands = _results_and_operands(code)
                 if "ttng.warp_group_dot_wait" in code:
                     p = int(re.search(r"pendings = (\d+)", code)[1])
                     pending = pending[len(pending) - p :] if p else []
-                elif "ttng.warp_group_dot " in code or "tt.dot " in code:
-                    reads = ring_of(operands[:2])
-                    if name in reads:
-                        read_now = True
+                elif "ttng.warp_group_dot " in code:
                     if "isAsync = true" in code:
-                        pending.append((it, reads))
+                        pending.append((it, ring_of(operands[:2])))
                     else:
                         pending = []
-                elif "ttg.local_load" in code and name in ring_of(operands):
-                    read_now = True
                 elif is_copy(code) and name in copy_target(code) and it == 1:
                     steps = {i for i, reads in pending if name in reads}
-                    later_reader = not read_now and any(
-                        name in ring_of(_results_and_operands(x.split(" loc(")[0])[1][:2])
-                        for x in body[k + 1 :]
-                        if "ttng.warp_group_dot " in x or "ttg.local_load" in x or "tt.dot " in x
-                    )
-                    if later_reader:
-                        steps.add(it)
                     needed = max(needed, ahead + len(steps))
         out.append({"ring": name, "slots": ring["slots"], "ahead": ahead, "needed": needed})
     return out

@@ -184,9 +184,11 @@ def test_split_heuristic(monkeypatch: pytest.MonkeyPatch):
     gpu = torch.device("cuda")
     # Too few rows to split, or already enough output tiles: no split.
     assert choose_split(130, 33, 64, torch.device("cpu")) == 1
-    # With 132 SMs: 64 tiles of 128 × 128 → 3 ranges; capped by rows / 2048.
+    # With 132 SMs: 64 tiles of 128 × 128 → 2 ranges (128 programs fill 97 % of a wave, 3 would
+    # fill 73 % of two); 16 tiles → 8 ranges (128 programs); capped by rows / 2048.
     monkeypatch.setattr(_utils, "num_sms", lambda device: 132)
-    assert choose_split(65536, 1024, 1024, gpu) == 3
+    assert choose_split(65536, 1024, 1024, gpu) == 2
+    assert choose_split(65536, 512, 512, gpu) == 8
     assert choose_split(4096, 256, 256, gpu) == 2
     assert choose_split(65536, 4096, 4096, gpu) == 1
 

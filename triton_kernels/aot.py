@@ -587,6 +587,18 @@ CUBLAS_EFFICIENCY = 0.905  # 715 of 790 TFLOP/s: the modelled cuBLAS-class GEMM
 SHAPES = ((8192, 4096, 4096), (8192, 1024, 1024))  # (M, N, K): rows, out_features, in_features
 
 
+def _choose_split(M: int, N: int, K: int) -> int:
+    """The launcher's split of M on a 132-SM device."""
+    from unittest import mock
+
+    import torch
+
+    from . import _utils, linear_grad_weight
+
+    with mock.patch.object(_utils, "num_sms", lambda device: SMS):
+        return linear_grad_weight.choose_split(M, N, K, torch.device("cuda"))
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -605,10 +617,11 @@ def cost_model(record: dict) -> dict | None:
     η_loop = min(base, tensor / issue) (base 0.85 for the cp.async, depth-1 wgmma loop; 0.92 for
     a TMA persistent one); η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)),
     overlap 0 at 1 CTA/SM, 0.5 at 2+, 0.9 persistent, epilogue issue = warps × (SASS outside the
-    loop) / 4; η_wave = CTAs / (132 · CTA/SM · ⌈CTAs / (132 · CTA/SM)⌉). Time = max(FLOP /
+    loop) / 4; η_wave = CTAs / (132 · ⌈CTAs / 132⌉). Time = max(FLOP /
     (790 TFLOP/s · η_loop · η_pe · η_wave), compulsory bytes / 4.8 TB/s) against cuBLAS at
     715 TFLOP/s (η = 0.905) on the same bytes. grad_weight is split over M as `choose_split`
-    does on 132 SMs (its fp32 partials counted as bytes). ±10 % on the bases (GPU_AUDIT.md §3).
+    does on 132 SMs (its fp32 partials, and the bias programs' reads of δ, counted as bytes).
+    ±10 % on the bases (GPU_AUDIT.md §3).
     """
     if not (sixteen_bit_sm90_gemm(record) and record["loop_wg_macs"]):
         return None
@@ -640,9 +653,7 @@ def cost_model(record: dict) -> dict | None:
             tiles, steps = _cdiv(M, bm) * _cdiv(K, bk), _cdiv(N, bn)
             compulsory = (M * N + N * K + M * K) * esize
         else:  # grad_weight: out (N, K), reduction over M, split as choose_split on 132 SMs
-            nominal = _cdiv(N, 128) * _cdiv(K, 128)
-            if nominal < SMS:
-                split = max(1, min(_cdiv(SMS, nominal), M // 2048, 32))
+            split = _choose_split(M, N, K)
             rows = _cdiv(_cdiv(M, split), 64) * 64
             split = _cdiv(M, rows)
             tiles, steps = _cdiv(N, bn) * _cdiv(K, bk) * split, _cdiv(rows, bm)
@@ -652,8 +663,7 @@ def cost_model(record: dict) -> dict | None:
                 extra += M * N * esize  # the bias programs read δ once more (not in the wave count)
         main = steps * tensor / eta_loop
         eta_pe = main / (main + (FILL_CLK + epilogue) * (1 - overlap))
-        slots = SMS * max(ctas, 1)
-        eta_wave = tiles / (slots * -(-tiles // slots))
+        eta_wave = tiles / (SMS * _cdiv(tiles, SMS))  # a CTA alone on an SM gets all of it
         ours = max(flops / (PEAK_FLOPS * eta_loop * eta_pe * eta_wave), (compulsory + extra) / BANDWIDTH)
         cublas = max(flops / (PEAK_FLOPS * CUBLAS_EFFICIENCY), compulsory / BANDWIDTH)
         out["shapes"][f"{M}x{N}x{K}"] = {

@@ -227,20 +227,27 @@ MAX_SPLIT = 32
 
 
 def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
-    """How many ranges of M rows to reduce in parallel.
+    """How many ranges of M rows to reduce in parallel (wave-aware).
 
     The (N, K) output has ⌈N/128⌉·⌈K/128⌉ tiles. When that is below one wave of programs
-    (one per SM), split M so that tiles × split ≈ SMs, but keep every range ≥ 2048 rows: a
-    split costs 2 × split × N·K × 4 bytes of partials (write + reduce read) against
-    (M·N + M·K) × elem bytes of operands, so short ranges are not worth it. Example: M = 65536,
-    N = K = 1024 on a 132-SM H200 → 64 tiles → split 3 (3 × 64 = 192 programs, ~21k rows each).
+    (one per SM), M is split into the number of ranges whose programs fill the waves best:
+    the highest tiles·split / (SMs·⌈tiles·split / SMs⌉), the fewest ranges among equals, every
+    range ≥ 2048 rows (a split costs 2 × split × N·K × 4 bytes of partials, write + reduce read,
+    against (M·N + M·K) × elem bytes of operands, so short ranges are not worth it). Example:
+    M = 65536, N = K = 1024 on a 132-SM H200 → 64 tiles → split 2 (128 programs, 97 % of one
+    wave; ⌈132/64⌉ = 3 would give 192 programs: 73 % of two waves).
     """
     tiles = triton.cdiv(N, NOMINAL_TILE) * triton.cdiv(K, NOMINAL_TILE)
     sms = _utils.num_sms(device)
-    if tiles >= sms:
+    most = min(M // MIN_ROWS_PER_SPLIT, MAX_SPLIT)
+    if tiles >= sms or most <= 1:
         return 1
-    split = min(triton.cdiv(sms, tiles), M // MIN_ROWS_PER_SPLIT, MAX_SPLIT)
-    return max(split, 1)
+
+    def wave_efficiency(split: int) -> float:
+        programs = tiles * split
+        return programs / (sms * triton.cdiv(programs, sms))
+
+    return max(range(1, most + 1), key=lambda split: (round(wave_efficiency(split), 2), -split))
 
 
 def linear_grad_weight(

@@ -418,7 +418,8 @@ def ring_report(ttgir: str) -> list[dict]:
     `warp_group_dot_wait {pendings = P}` keeps the newest P; a synchronous dot retires all).
     At each copy into the ring in iteration t the slots in use are the `ahead` steps t+1 … t+ahead
     (the new one included) plus every step ≤ t that a pending wgmma group still reads from the
-    ring. `needed` is the most slots in use at any copy; `slots < needed` is a race (the copy
+    ring (`async_readers`: the async wgmma ops of the body reading it). `needed` is the most
+    slots in use at any copy; `slots < needed` is a race (the copy
     overwrites a tile a wgmma may still read: undefined behaviour in PTX). Synchronous readers
     (`local_load` into registers for mma.sync or a register-A wgmma) are ordered by program
     order, which the pipeliner keeps before the copy into their slot.
@@ -468,6 +469,11 @@ def ring_report(ttgir: str) -> list[dict]:
         body = lines[first + 1 : last]
         pending: list[tuple[int, set[str]]] = []  # (iteration, rings read) of pending groups
         needed = 0
+        readers = sum(
+            1 for line in body
+            if "ttng.warp_group_dot " in line and "isAsync = true" in line
+            and name in ring_of(_results_and_operands(line.split(" loc(")[0])[1][:2])
+        )  # fmt: skip
         for it in (0, 1):
             for line in body:
                 code = line.split(" loc(")[0]
@@ -483,7 +489,9 @@ def ring_report(ttgir: str) -> list[dict]:
                 elif is_copy(code) and name in copy_target(code) and it == 1:
                     steps = {i for i, reads in pending if name in reads}
                     needed = max(needed, ahead + len(steps))
-        out.append({"ring": name, "slots": ring["slots"], "ahead": ahead, "needed": needed})
+        out.append(
+            {"ring": name, "slots": ring["slots"], "ahead": ahead, "needed": needed, "async_readers": readers}
+        )
     return out
 
 
@@ -614,8 +622,8 @@ def cost_model(record: dict) -> dict | None:
     Per K-step of one CTA: tensor clk = warpgroups × Σ (m·n·k of the loop's HGMMAs) / 2048;
     issue clk = warps × loop instructions / 4 + 40 per BAR beyond 2. Occupancy from registers
     (per-warp units of 256), shared memory (+1 KiB reserved per CTA) and 64 warps per SM.
-    η_loop = min(base, tensor / issue) (base 0.85 for the cp.async, depth-1 wgmma loop; 0.92 for
-    a TMA persistent one); η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)),
+    η_loop = min(base, tensor / issue), at most tensor / (tensor + issue) if serialised (base
+    0.85 for the cp.async, depth-1 wgmma loop; 0.92 for a TMA persistent one); η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)),
     overlap 0 at 1 CTA/SM, 0.5 at 2+, 0.9 persistent, epilogue issue = warps × (SASS outside the
     loop) / 4; η_wave = CTAs / (132 · ⌈CTAs / 132⌉). Time = max(FLOP /
     (790 TFLOP/s · η_loop · η_pe · η_wave), compulsory bytes / 4.8 TB/s) against cuBLAS at
@@ -633,6 +641,8 @@ def cost_model(record: dict) -> dict | None:
     issue = warps * record["loop_insts"] / ISSUE_PER_CLK + BAR_CLK * max(0, record["loop_bars"] - 2)
     ctas = _ctas_per_sm(record["regs"], warps, record["shared"])
     eta_loop = min(base, tensor / issue)
+    if record["wgmma_serialized"]:  # the MMAs no longer overlap the issue of the rest
+        eta_loop = min(eta_loop, tensor / (tensor + issue))
     epilogue = warps * (record["sass_insts"] - record["loop_insts"]) / ISSUE_PER_CLK
     overlap = 0.9 if persistent else (0.5 if ctas >= 2 else 0.0)
     out = {

@@ -130,11 +130,12 @@ CONFIGS = {
         gemm_config(64, 64, 64, 4, 4),
     ],
     # sm_90, 16-bit, f′_prev read from the output (relu, leaky_relu, sigmoid, tanh: a select or
-    # one or two FMAs): the plain tiles (64 × 64 × 64 is issue-bound, 117 instructions per step
-    # for 128 tensor clocks; modelled 0.45 → 0.79 of cuBLAS at N = K = 1024), then smaller ones.
-    # With f′_prev of z (gelu and mish spilled at 128 × 64 × 128) the smaller tiles only.
+    # one or two FMAs): 128 × 64 output tiles (64 × 64 × 64 is issue-bound, 117 instructions per
+    # step for 128 tensor clocks; modelled 0.45 → 0.72 of cuBLAS at N = K = 1024). Not the plain
+    # 128 × 64 × 128: with relu Triton 3.6 serialises its wgmma (3.9 does not). With f′_prev of
+    # z (gelu and mish spilled at 128 × 64 × 128) the smaller tiles only.
     "epilogue_light": [
-        gemm_config(128, 64, 128, 8, 3),
+        gemm_config(128, 64, 64, 8, 3),
         gemm_config(64, 64, 64, 8, 3),
         gemm_config(64, 32, 64, 4, 3),
     ],

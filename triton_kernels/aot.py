@@ -622,13 +622,15 @@ def cost_model(record: dict) -> dict | None:
     Per K-step of one CTA: tensor clk = warpgroups × Σ (m·n·k of the loop's HGMMAs) / 2048;
     issue clk = warps × loop instructions / 4 + 40 per BAR beyond 2. Occupancy from registers
     (per-warp units of 256), shared memory (+1 KiB reserved per CTA) and 64 warps per SM.
-    η_loop = min(base, tensor / issue), at most tensor / (tensor + issue) if serialised (base
-    0.85 for the cp.async, depth-1 wgmma loop; 0.92 for a TMA persistent one); η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)),
-    overlap 0 at 1 CTA/SM, 0.5 at 2+, 0.9 persistent, epilogue issue = warps × (SASS outside the
-    loop) / 4; η_wave = CTAs / (132 · ⌈CTAs / 132⌉). Time = max(FLOP /
-    (790 TFLOP/s · η_loop · η_pe · η_wave), compulsory bytes / 4.8 TB/s) against cuBLAS at
-    715 TFLOP/s (η = 0.905) on the same bytes. grad_weight is split over M as `choose_split`
-    does on 132 SMs (its fp32 partials, and the bias programs' reads of δ, counted as bytes).
+    η_loop = min(base, tensor / issue), at most tensor / (tensor + issue) if serialised; base
+    0.85 for the cp.async, depth-1 wgmma loop, 0.92 for a TMA persistent one.
+    η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)); overlap 0 at 1 CTA/SM,
+    0.5 at 2+, 0.9 persistent; epilogue issue = warps × (SASS outside the loop) / 4.
+    η_wave = CTAs / (132 · ⌈CTAs / 132⌉).
+    Time = max(FLOP / (790 TFLOP/s · η_loop · η_pe · η_wave), compulsory bytes / 4.8 TB/s),
+    against cuBLAS at 715 TFLOP/s (η = 0.905) on the same bytes. grad_weight is split over M
+    as `choose_split` does on 132 SMs (its fp32 partials, and the bias programs' reads of δ,
+    counted as bytes).
     ±10 % on the bases (GPU_AUDIT.md §3).
     """
     if not (sixteen_bit_sm90_gemm(record) and record["loop_wg_macs"]):

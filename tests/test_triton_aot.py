@@ -256,3 +256,39 @@ def test_ring_check_catches_the_race():
     assert rings["g"]["slots"] == 2 and rings["g"]["needed"] == 3
     assert rings["x"]["slots"] == 3 and rings["x"]["needed"] == 3
     assert len(result["problems"]) == 1 and "2 slots, 3 needed" in result["problems"][0]
+
+
+SERIALISED = """
+import json, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from manualbp.triton_kernels import _utils, aot
+v = aot.Variant("grad_input", 80, "bf16", "relu", "-", "", True)
+launch = aot.captured_launch(v)  # on sm_80 the relu prologue is launched (not routed)
+kwargs = {**launch.kwargs, **_utils.launch_kwargs(launch.configs[0])}
+with aot.launched_on(90) as seen:
+    launch.kernel[launch.grid](*launch.args, **kwargs)
+((_, spec),) = seen
+src = ASTSource(launch.kernel, spec["signature"], spec["constants"], spec["configs"][0])
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(k.asm["cubin"])
+    f.flush()
+    sass = aot._run([aot._cuobjdump(), "-sass", f.name]).stdout
+print(json.dumps(aot.sass_main_loop(sass)), file=sys.stderr)
+"""
+
+
+def test_serialisation_check_catches_a_register_prologue():
+    """The `wgmma_serialized` check flags what GPU_AUDIT.md finding C found: the relu prologue of
+    grad_input (δ formed in registers, a register-A wgmma) compiled for sm_90 has a wait to 0
+    after its HGMMAs in the main loop. The launchers never compile it for sm_90 (δ pass)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["TRITON_CACHE_DIR"] = cache_dir()
+    rc, _, err = run_watched([sys.executable, "-c", SERIALISED], env)
+    assert rc == 0, err[-4000:]
+    loop = json.loads(err.strip().splitlines()[-1])
+    assert loop["loop_hgmma"] >= 1 and loop["wgmma_serialized"] is True

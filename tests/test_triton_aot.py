@@ -10,7 +10,9 @@ that capability: on sm_90 every configuration of every list, on sm_80 the first 
 specialised as a launch specialises it (the launcher's own arguments through Triton's binder;
 `test_aot_equals_launch` checks the two agree) and its cubin, SASS and TTGIR are inspected: no
 spills anywhere, no shared-memory ring too small for its pipeline, and on sm_90 HGMMA in the main
-loop of every 16-bit GEMM, never serialised.
+loop of every 16-bit GEMM, never serialised. Two negative controls show the checks can fail:
+a kernel built with the race of GPU_AUDIT.md finding A, and the relu register prologue compiled
+for sm_90 (finding C).
 
 Robust on a slow, shared machine: Triton's cache directory is fixed (MANUALBP_AOT_CACHE, default
 ~/.cache/manualbp/triton-aot-<triton version>), so a rerun and the xdist workers (one test per

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 pytestmark = pytest.mark.aot
 
@@ -228,14 +229,32 @@ def test_aot_equals_launch():
     assert result["compared"] == sum(1 for _, index in variants(ARCHS, "ci") if index == 0)
 
 
+@triton.jit
+def racy_kernel(g_ptr, x_ptr, out_ptr, sum_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The race of GPU_AUDIT.md finding A, on purpose (only compiled, never launched):
+    acc = Σ gᵀ x by wgmma and s = Σ g on the same load, whose second use keeps Triton from
+    giving the g ring its extra slot for the in-flight wgmma (2 slots at num_stages = 3)."""
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + offs_m
+        g = tl.load(g_ptr + rows[:, None] * BLOCK_N + offs_n[None, :])
+        x = tl.load(x_ptr + rows[:, None] * BLOCK_N + offs_n[None, :])
+        total += tl.sum(g.to(tl.float32), axis=0)
+        acc = tl.dot(tl.trans(g), x, acc)
+    tl.store(out_ptr + offs_n[:, None] * BLOCK_N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty))
+    tl.store(sum_ptr + offs_n, total)
+
+
 RACY = """
 import json, sys
-sys.path.insert(0, "tests")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from manualbp.triton_kernels import aot
-from _racy_kernel import racy_kernel
+from tests.test_triton_aot import racy_kernel
 sig = {"g_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*fp32", "M": "i32",
        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
 src = ASTSource(racy_kernel, sig, {(5,): 64, (6,): 128}, {(i,): [["tt.divisibility", 16]] for i in range(5)})

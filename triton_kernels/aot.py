@@ -3,12 +3,22 @@
     python -m manualbp.triton_kernels.aot --arch 90 80 --json      # all variants, JSON records
     python -m manualbp.triton_kernels.aot --arch 90                # a Markdown table
 
-Each variant (kernel × dtype × activation × flags × launch configuration) is compiled with
-`triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))`
-exactly as a launch on a contiguous problem with 16-divisible sizes would specialise it (inner
-strides equal to 1 become constexprs; pointers, sizes and outer strides carry divisibility 16).
+Each variant (kernel × dtype × activation × flags × launch configuration) is compiled as a launch
+would compile it ("AOT = launch"): the real launcher is called on stand-in CPU tensors of a
+16-divisible contiguous problem inside `_utils.captured_launches` (as on a device of that
+capability; nothing runs), and the kernel is then "launched" through Triton's own
+`JITFunction.run` against a stand-in driver for `GPUTarget("cuda", arch, 32)`, whose
+`jit_cache_hook` hands back the signature, constexprs and specialisation attributes Triton's
+binder derived from those arguments (divisibility 16 of pointers, sizes and strides — 0
+included —, 1-valued ints as constexprs), which `triton.compile(ASTSource(...))` then compiles.
+
 For each cubin, the `cuobjdump` shipped in the Triton wheel reports registers, stack and spills
 (`-res-usage`, LDL/STL in `-sass`) and whether the tensor-core GEMM is a Hopper wgmma (HGMMA).
+Static checks on the compiled code (GPU_AUDIT.md): `rings` (TTGIR: every shared-memory operand
+ring has a slot for each load in flight plus each step an async wgmma may still read),
+`loop_insts` / `loop_hgmma` / `loop_bars` (SASS of the main loop, one K-step),
+`wgmma_serialized` (a wait to 0 on the wgmma groups inside the main loop: ptxas serialisation,
+C7515, or an explicit one), `tma` (UTMALDG in the SASS), `launch_specialized`.
 
 Must run WITHOUT TRITON_INTERPRET: under the interpreter `@triton.jit` gives interpreted
 functions that cannot be compiled (tests/test_triton_aot.py runs this in a subprocess).
@@ -17,6 +27,7 @@ functions that cannot be compiled (tests/test_triton_aot.py runs this in a subpr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +38,16 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from .aot_inspect import (  # noqa: F401  (re-exported: aot.ring_report, aot.cost_model, …)
+    _SASS_LINE,
+    cost_model,
+    model_table,
+    ring_problems,
+    ring_report,
+    sass_main_loop,
+    sixteen_bit_sm90_gemm,
+)
 
 ARCHS = (90, 80)
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -103,9 +124,10 @@ def _fixed_config(kernel: str):
 
     from . import delta, linear_grad_weight
 
+    # The names of what the launchers pass: no num_stages (Triton's default, 3), 4 warps.
     if kernel == "delta":
-        return triton.Config(dict(delta.GPU_BLOCK), num_warps=delta.GPU_NUM_WARPS, num_stages=1)
-    return triton.Config(dict(linear_grad_weight.REDUCE_BLOCK), num_warps=4, num_stages=1)
+        return triton.Config(dict(delta.GPU_BLOCK), num_warps=delta.GPU_NUM_WARPS, num_stages=3)
+    return triton.Config(dict(linear_grad_weight.REDUCE_BLOCK), num_warps=4, num_stages=3)
 
 
 GEMMS = ("forward", "grad_input", "grad_weight")
@@ -128,6 +150,12 @@ def _gemm_combos(kernel: str, names) -> list[tuple[str, str]]:
     )
 
 
+def routed(kernel: str, arch: int, dtype: str, act: str) -> bool:
+    """A 16-bit sm_90 δ prologue, which no launch compiles: the launcher forms δ in the δ pass
+    and runs the plain GEMM (`_utils.prologue_serializes`), variants already in the set."""
+    return kernel in ("grad_input", "grad_weight") and arch >= 90 and dtype != "fp32" and act != "identity"
+
+
 def variants(archs=ARCHS, selection: str = "full") -> list[tuple[Variant, int]]:
     """The variants to compile, each with the index of its config in `configs_for(...)`.
 
@@ -137,10 +165,10 @@ def variants(archs=ARCHS, selection: str = "full") -> list[tuple[Variant, int]]:
     every dtype.
     "full": the first (largest) configuration of each list, and every configuration of the
         list for mish (the activation with the most elementwise work) and identity, so every
-        list a launch can pick is compiled whole on every arch (517 compiles for 90 and 80,
-        ~5.5-6.5 min on 2 cores with a cold cache).
-    "ci": the same on sm_90; on the other archs only the first configuration of each list
-        (491 compiles, ~6 min on 2 cores with a cold cache; tests/test_triton_aot.py).
+        list a launch can pick is compiled whole on every arch (448 compiles for 90 and 80).
+    "ci": the same on sm_90 (197); on the other archs only the first configuration of each
+        list (225 on sm_80; tests/test_triton_aot.py, one test per arch).
+    Variants no launch compiles are left out: the 16-bit sm_90 δ prologues (`routed`).
     """
     from .activations import NAMES
 
@@ -157,6 +185,8 @@ def variants(archs=ARCHS, selection: str = "full") -> list[tuple[Variant, int]]:
         for dtype in DTYPES:
             for kernel in GEMMS:
                 for act, flags in _gemm_combos(kernel, NAMES):
+                    if routed(kernel, arch, dtype, act):
+                        continue
                     n = len(configs_for(kernel, act, flags, arch, dtype))
                     every = act in ("identity", "mish") and flags in ("bias", "-", "prev=mish")
                     for i in range(n if every and whole_lists else 1):
@@ -167,75 +197,188 @@ def variants(archs=ARCHS, selection: str = "full") -> list[tuple[Variant, int]]:
     return out
 
 
-def _signature(variant: Variant, config_index: int):
-    """(fn, signature, constexprs, attrs, options) for triton.compile."""
-    from .activations import ACTIVATION_IDS, uses_output
+# The stand-in problem the launchers are called on: sizes divisible by 16 (as the config lists
+# assume), N ≠ K so that a swapped operand cannot pass, small enough to allocate on the CPU.
+STANDIN_M, STANDIN_N, STANDIN_K = 512, 384, 256
+
+
+def _call_launcher(variant: Variant) -> None:
+    """Call the real launcher of `variant` on contiguous stand-in CPU tensors."""
+    import torch
+
+    from . import delta, linear_forward, linear_grad_input, linear_grad_weight
+    from .activations import ACTIVATION_IDS
+
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[variant.dtype]
+    M, N, K = STANDIN_M, STANDIN_N, STANDIN_K
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt)
+
+    act_id = ACTIVATION_IDS.get(variant.act, 0)
+    saved = t(M, N) if act_id else None
+    if variant.kernel == "forward":
+        linear_forward.linear_forward(t(M, K), t(N, K), t(N) if variant.flags == "bias" else None, act_id)
+    elif variant.kernel == "grad_input":
+        prev_id = ACTIVATION_IDS[_prev(variant.flags)]
+        linear_grad_input.linear_grad_input(
+            t(M, N), t(N, K), saved, act_id, prev_act_id=prev_id, prev_saved=t(M, K) if prev_id else None
+        )
+    elif variant.kernel == "grad_weight":
+        flags = variant.flags
+        linear_grad_weight.linear_grad_weight(
+            t(M, N), t(M, K), saved, act_id,
+            need_weight=flags != "bias-only",
+            need_bias=flags == "bias-only" or (flags.endswith("bias") and not flags.endswith("nobias")),
+            split_k=2 if flags.startswith("split") else 1,
+        )  # fmt: skip
+    elif variant.kernel == "delta":
+        delta.linear_delta(t(M, N), t(M, N), act_id)
+    else:  # split_reduce: the reduction of a split weight gradient into the output dtype
+        linear_grad_weight.linear_grad_weight(t(M, N), t(M, K), need_bias=False, split_k=2)
+
+
+def captured_launch(variant: Variant):
+    """The launch of `variant`'s kernel that its launcher makes on a device of `variant.arch`
+    (`_utils.Launch`: kernel, grid, arguments, constexpr flags, config list)."""
+    from . import _utils
 
     name, mod = _kernel_fn(variant.kernel)
     fn = getattr(mod, name)
-    cfg = configs_for(variant.kernel, variant.act, variant.flags, variant.arch, variant.dtype)[config_index]
-    ptr = "*" + DTYPES[variant.dtype]
-    act_id = ACTIVATION_IDS.get(variant.act, 0)
-    const: dict[str, object] = dict(cfg.kwargs)
-    types: dict[str, str] = {}  # non-constexpr args; default i32 (sizes and strides)
-    ones: set[str] = set()  # strides equal to 1 in a contiguous launch
-    zeros: set[str] = set()  # strides equal to 0 (the direct-store "split" stride)
+    with _utils.captured_launches((variant.arch // 10, variant.arch % 10)) as launches:
+        _call_launcher(variant)
+    mine = [launch for launch in launches if launch.kernel is fn]
+    if not mine:
+        raise RuntimeError(f"{variant}: the launcher made no launch of {name}: {launches}")
+    return mine[0] if variant.kernel == "split_reduce" else mine[-1]
 
-    if variant.kernel == "forward":
-        types.update(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, a_ptr=ptr, z_ptr=ptr, negative_slope="fp32")
-        ones |= {"stride_xk", "stride_wk", "stride_an", "stride_zn"}
-        const.update(
-            ACT=act_id, HAS_BIAS=variant.flags == "bias", STORE_Z=not uses_output(act_id),
-            UPCAST=False, INPUT_PRECISION="ieee",
-        )  # fmt: skip
-    elif variant.kernel == "grad_input":
-        types.update(grad_ptr=ptr, saved_ptr=ptr, w_ptr=ptr, prev_ptr=ptr, gi_ptr=ptr)
-        types.update(negative_slope="fp32", prev_negative_slope="fp32")
-        ones |= {"stride_gn", "stride_sn", "stride_wk", "stride_pk", "stride_ik"}
-        prev = ACTIVATION_IDS[_prev(variant.flags)]
-        const.update(ACT=act_id, PREV_ACT=prev, UPCAST=False, INPUT_PRECISION="ieee")
-    elif variant.kernel == "grad_weight":
-        split = variant.flags.startswith("split")
-        out_ptr = "*fp32" if split else ptr
-        types.update(grad_ptr=ptr, saved_ptr=ptr, x_ptr=ptr, gw_ptr=out_ptr, gb_ptr=out_ptr)
-        types.update(negative_slope="fp32")
-        ones |= {"stride_gn", "stride_sn", "stride_xk", "stride_wk", "stride_bn"}
-        if not split:
-            zeros |= {"stride_ws", "stride_bs"}
-        const.update(
-            ACT=act_id,
-            HAS_BIAS=variant.flags == "bias-only"
-            or (variant.flags.endswith("bias") and not variant.flags.endswith("nobias")),
-            HAS_WEIGHT=variant.flags != "bias-only",
-            UPCAST=False,
-            INPUT_PRECISION="ieee",
-        )
-    elif variant.kernel == "delta":
-        types.update(grad_ptr=ptr, saved_ptr=ptr, delta_ptr=ptr, negative_slope="fp32")
-        ones |= {"stride_gn", "stride_sn", "stride_dn"}
-        const.update(ACT=act_id, UPCAST=False)
-    else:  # split_reduce: fp32 partials into the output dtype
-        types.update(part_ptr="*fp32", out_ptr=ptr)
-        ones |= {"stride_oc"}
-        const.update(UPCAST=False)
 
-    signature: dict[str, str] = {}
-    attrs: dict[tuple[int, ...], list] = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            signature[name] = "constexpr"
-        elif name in ones:
-            signature[name] = "constexpr"
-            const[name] = 1
+class _StandInDriver:
+    """Answers what `JITFunction.run` asks the driver before compiling, for a GPU of `arch`."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return self.target.arch  # one binder cache per arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def launched_on(arch: int):
+    """Inside, `kernel[grid](...)` runs Triton's own launch path for a GPU of `arch` up to the
+    compile, which a `jit_cache_hook` skips: the yielded list receives, per launch, the kernel
+    name and what `JITFunction.run` would compile (signature, constants, attributes, options)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    seen: list[tuple[str, dict]] = []
+
+    def hook(*, fn, compile, **_):
+        seen.append((fn.name, compile))
+        return True  # skip the compilation: run() returns before launching
+
+    previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook
+    driver.set_active(_StandInDriver(arch))
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield seen
+    finally:
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver._active = previous_driver
+
+
+SPEC_KEYS = ("signature", "constants", "configs", "num_warps", "num_ctas", "num_stages", "enable_fp_fusion")
+
+
+def specialization(variant: Variant, config_index: int) -> dict:
+    """What a launch of `variant` with config `config_index` of its list compiles."""
+    launch = captured_launch(variant)
+    kwargs = dict(launch.kwargs)
+    if launch.configs is not None:
+        from ._utils import launch_kwargs
+
+        kwargs.update(launch_kwargs(launch.configs[config_index]))
+    with launched_on(variant.arch) as seen:
+        launch.kernel[launch.grid](*launch.args, **kwargs)
+    ((_, spec),) = seen
+    return {k: spec[k] for k in SPEC_KEYS if k in spec}
+
+
+@contextlib.contextmanager
+def _device_answers(arch: int):
+    """The launchers' device queries answered as on a GPU of `arch`, CPU stand-ins accepted,
+    autotuning off (a launch takes the first configuration of its list): nothing else changes."""
+    from . import _utils
+
+    capability = (arch // 10, arch % 10)
+    saved = {k: getattr(_utils, k) for k in ("device_capability", "gemm_capability", "check_device")}
+    previous_env = os.environ.get("MANUALBP_TRITON_AUTOTUNE")
+    _utils.device_capability = lambda device: capability
+    _utils.gemm_capability = lambda device: capability
+    _utils.check_device = lambda name, t: None
+    os.environ["MANUALBP_TRITON_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(_utils, k, v)
+        if previous_env is None:
+            os.environ.pop("MANUALBP_TRITON_AUTOTUNE", None)
         else:
-            signature[name] = types.get(name, "i32")
-            # Pointers from the caching allocator, sizes and strides of a 16-divisible problem.
-            if signature[name] != "fp32":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            if name in zeros:
-                attrs.pop((i,), None)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return fn, signature, const, attrs, options
+            os.environ["MANUALBP_TRITON_AUTOTUNE"] = previous_env
+
+
+def launch_specialization(variant: Variant) -> dict:
+    """What a real launch of `variant` compiles (first configuration), taken from the
+    launcher's own launch path (`_utils.launch_gemm` → `kernel[grid](...)` → `JITFunction.run`),
+    without the capture `specialization` uses: the reference of the AOT = launch test."""
+    name, _ = _kernel_fn(variant.kernel)
+    with _device_answers(variant.arch), launched_on(variant.arch) as seen:
+        _call_launcher(variant)
+    mine = [spec for kernel, spec in seen if kernel == name]
+    if not mine:
+        raise RuntimeError(f"{variant}: no launch of {name} reached JITFunction.run")
+    spec = mine[0] if variant.kernel == "split_reduce" else mine[-1]
+    return {k: spec[k] for k in SPEC_KEYS if k in spec}
+
+
+def launch_agreement(archs=ARCHS) -> dict:
+    """Compare, for every variant's first configuration, what the AOT build compiles with
+    what a launch compiles; returns {"compared": n, "mismatches": [...]}."""
+    mismatches, compared = [], 0
+    for variant, index in variants(archs, "ci"):
+        if index:
+            continue
+        aot, launch = specialization(variant, 0), launch_specialization(variant)
+        compared += 1
+        if repr(aot) != repr(launch):
+            mismatches.append(
+                {"variant": dataclasses.asdict(variant), "aot": repr(aot), "launch": repr(launch)}
+            )
+    return {"compared": compared, "mismatches": mismatches}
+
+
+def spec_summary(fn, spec: dict) -> dict[str, str]:
+    """Per runtime argument: "=1" (specialised to the constexpr 1), "D" (divisible by 16), ""."""
+    constants = {path[0]: value for path, value in spec["constants"].items()}
+    attrs = {path[0]: value for path, value in spec["configs"][0].items()}
+    out = {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            continue
+        if i in constants:
+            out[name] = f"={constants[i]}"
+        else:
+            out[name] = "D" if any(a[0] == "tt.divisibility" for a in attrs.get(i, [])) else ""
+    return out
 
 
 def _cuobjdump() -> str:
@@ -258,8 +401,13 @@ def compile_one(job: tuple[Variant, int]) -> dict:
     record = dataclasses.asdict(variant)
     t0 = time.perf_counter()
     try:
-        fn, signature, const, attrs, options = _signature(variant, config_index)
-        src = ASTSource(fn, signature, const, attrs)
+        name, mod = _kernel_fn(variant.kernel)
+        fn = getattr(mod, name)
+        spec = specialization(variant, config_index)
+        record["launch_specialized"] = True  # derived by JITFunction.run from the launcher's args
+        record["spec"] = spec_summary(fn, spec)
+        src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
+        options = {k: spec[k] for k in SPEC_KEYS[3:] if k in spec}
         kernel = triton.compile(src, target=GPUTarget("cuda", variant.arch, 32), options=options)
         record["shared"] = int(kernel.metadata.shared)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -274,6 +422,11 @@ def compile_one(job: tuple[Variant, int]) -> dict:
         record["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass.stdout))
         record["hgmma"] = "HGMMA" in sass.stdout
         record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass.stdout))
+        record["tma"] = "UTMALDG" in sass.stdout
+        record.update(sass_main_loop(sass.stdout))
+        record["sass_insts"] = len(_SASS_LINE.findall(sass.stdout))
+        record["rings"] = ring_report(kernel.asm["ttgir"])
+        record["model"] = cost_model(record)
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others
         record["error"] = f"{type(err).__name__}: {err}"
@@ -282,7 +435,9 @@ def compile_one(job: tuple[Variant, int]) -> dict:
 
 
 def check(record: dict) -> list[str]:
-    """Problems with one record: compile error, spills, no HGMMA for a 16-bit GEMM on sm_90."""
+    """Problems with one record: compile error, spills, a launch specialisation not derived from
+    the launcher, a shared-memory ring too small (race), and for a 16-bit GEMM on sm_90 no HGMMA
+    or serialised wgmma in the main loop."""
     if record["error"]:
         return [record["error"]]
     problems = []
@@ -290,9 +445,16 @@ def check(record: dict) -> list[str]:
         problems.append(
             f"spills: stack {record['stack']}, local {record['local']}, LDL/STL {record['spill_insts']}"
         )
-    uses_dot = record["gemm"] and record["flags"] != "bias-only"
-    if uses_dot and record["arch"] == 90 and record["dtype"] != "fp32" and not record["hgmma"]:
-        problems.append("no HGMMA in the SASS of a 16-bit GEMM on sm_90")
+    if not record.get("launch_specialized"):
+        problems.append("not compiled with the specialisation of a launch")
+    problems += ring_problems(record.get("rings", []))
+    if sixteen_bit_sm90_gemm(record):
+        if not record["hgmma"]:
+            problems.append("no HGMMA in the SASS of a 16-bit GEMM on sm_90")
+        if record["wgmma_serialized"]:
+            problems.append("wgmma serialised in the main loop (a wait to 0 on the groups every K-step)")
+        if not record["loop_hgmma"]:
+            problems.append("no HGMMA in the main loop found in the SASS")
     return problems
 
 
@@ -300,15 +462,19 @@ def run(archs, jobs: int, selection: str = "full", progress: bool = False, dtype
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
     work = [w for w in variants(archs, selection) if dtypes is None or w[0].dtype in dtypes]
-    if jobs <= 1:
-        return [compile_one(j) for j in work]
     import multiprocessing
 
     records = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        for i, record in enumerate(pool.map(compile_one, work, chunksize=2)):
+    with contextlib.ExitStack() as stack:
+        if jobs <= 1:
+            results = map(compile_one, work)
+        else:
+            context = multiprocessing.get_context("fork")
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, mp_context=context))
+            results = pool.map(compile_one, work, chunksize=1)
+        for i, record in enumerate(results):
             records.append(record)
-            if progress:  # one JSON line per variant on stderr, for long runs
+            if progress:  # one JSON line per variant on stderr: what a watchdog reads
                 print(f"[{i + 1}/{len(work)}] " + json.dumps(record), file=sys.stderr, flush=True)
     return records
 
@@ -347,8 +513,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="one line per variant on stderr")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="only these dtypes")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    parser.add_argument("--model", action="store_true", help="print the cost-model table (16-bit sm_90)")
+    parser.add_argument(
+        "--agree", action="store_true", help="only compare AOT and launch specialisations (JSON)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.agree:
+        result = launch_agreement(args.arch)
+        json.dump(result, sys.stdout, indent=1)
+        print()
+        return 1 if result["mismatches"] else 0
     t0 = time.perf_counter()
     records = run(args.arch, args.jobs, args.selection, progress=args.progress, dtypes=args.dtype)
     bad = [r for r in records if check(r)]
@@ -357,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         json.dump(records, sys.stdout, indent=1)
         print()
+    elif args.model:
+        print(model_table(records))
     else:
         print(table(records))
         print(f"\n{len(records)} variants, {len(bad)} with problems, {time.perf_counter() - t0:.0f} s")

@@ -173,7 +173,10 @@ class ResumableLoader:
             yield self.dataset[order[i * self.batch_size : (i + 1) * self.batch_size]]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self.served, "num_replicas": self.num_replicas}
+        state = {"epoch": self.epoch, "served": self.served}
+        if self.num_replicas > 1:  # single-process states stay as they were (load defaults to 1)
+            state["num_replicas"] = self.num_replicas
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         missing = {"epoch", "served"} - set(state)

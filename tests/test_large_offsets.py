@@ -35,8 +35,8 @@ VARIANTS = [
     ("forward", "fp16", "gelu", "bias"),
     ("forward", "fp32", "relu", "nobias"),
     ("grad_input", "bf16", "silu", "prev=gelu"),
-    ("grad_input", "fp16", "gelu", "-"),
-    ("grad_weight", "fp16", "gelu", "split+bias"),
+    ("grad_input", "fp32", "gelu", "-"),  # a δ prologue (16-bit ones take the δ pass on sm_90)
+    ("grad_weight", "fp32", "gelu", "split+bias"),
     ("grad_weight", "bf16", "identity", "bias"),
     ("grad_weight", "fp16", "identity", "bias-only"),
     ("delta", "fp16", "mish", "-"),
@@ -79,12 +79,13 @@ variants, out = json.loads(sys.argv[1]), sys.argv[2]
 target = GPUTarget("cuda", 90, 32)
 jobs = []
 for kernel, dtype, act, flags in variants:
-    cfg = aot.configs_for(kernel, act, flags, 90)[0]
+    cfg = aot.configs_for(kernel, act, flags, 90, dtype)[0]
     variant = aot.Variant(kernel, 90, dtype, act, flags, aot._config_name(cfg), kernel in aot.GEMMS)
-    fn, signature, const, attrs, options = aot._signature(variant, 0)
-    if flags == "bias-only":
-        const["HAS_BIAS"] = True  # aot's flags parsing turns this variant's bias off (reported)
-    jobs.append((f"{kernel} {dtype} {act} {flags}", ASTSource(fn, signature, const, attrs), options))
+    name, module = aot._kernel_fn(kernel)
+    spec = aot.specialization(variant, 0)  # as the launcher's own launch specialises it
+    options = {k: spec[k] for k in aot.SPEC_KEYS[3:] if k in spec}
+    src = ASTSource(getattr(module, name), spec["signature"], spec["constants"], spec["configs"][0])
+    jobs.append((f"{kernel} {dtype} {act} {flags}", src, options))
 # The fused cross-entropy rows kernel (one program per row: row * stride_lm).
 ce = {"logits_ptr": "*fp32", "target_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
       "lse_ptr": "*fp32", "grad_ptr": "*fp32", "C": "i32", "ignore_index": "i32", "stride_lm": "i32",

@@ -56,7 +56,7 @@ from torch import Tensor
 from manualbp import backends
 from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
-from manualbp.backends import reference
+from manualbp.backends import fast, reference
 from manualbp.backends.reference import cast, up
 from manualbp.ops._common import (
     NS,
@@ -206,6 +206,8 @@ def linear(
     if torch.compiler.is_compiling():
         return linear_op(x, weight, bias, act)
     backend = eager_backend(x.device)
+    if backend is reference and fast.fast_ok(x):
+        backend = fast  # the reference equations, first order, in fewer fused ops
     with no_autocast(x.device.type):
         out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
     # The leading dimensions come back outside the Function: its output is never a view.

@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation

@@ -73,6 +73,12 @@ def _into(fresh: Callable[..., Tensor], into: Callable[..., Tensor]) -> Callable
     return run
 
 
+def _gelu_tanh(grad: Tensor, saved: Tensor, out: Tensor | None) -> Tensor:
+    if out is None:
+        return _gelu_bw(grad, saved, approximate="tanh")
+    return _gelu_bw_out(grad, saved, approximate="tanh", grad_input=out)
+
+
 def _mish(grad: Tensor, saved: Tensor, out: Tensor | None, *_: object) -> Tensor:
     d = _mish_bw(grad, saved)  # no out= overload in ATen
     return d if out is None else out.copy_(d)
@@ -93,9 +99,7 @@ _DELTAS: dict[str, Callable[[Tensor, Tensor, Tensor | None, Activation], Tensor]
     "sigmoid": lambda g, s, o, act: _sigmoid(g, s, o),
     "tanh": lambda g, s, o, act: _tanh(g, s, o),
     "gelu": lambda g, s, o, act: _gelu(g, s, o),
-    "gelu_tanh": lambda g, s, o, act: (
-        _gelu_bw(g, s, approximate="tanh") if o is None else _gelu_bw_out(g, s, approximate="tanh", grad_input=o)
-    ),
+    "gelu_tanh": lambda g, s, o, act: _gelu_tanh(g, s, o),
     "silu": lambda g, s, o, act: _silu(g, s, o),
     "mish": lambda g, s, o, act: _mish(g, s, o),
     "softplus": lambda g, s, o, act: _softplus(g, s, o, 1.0, _SOFTPLUS_THRESHOLD),
@@ -123,9 +127,7 @@ _INPLACE: dict[str, Callable[[Tensor, Activation], Tensor]] = {
 }
 
 
-def linear_forward(
-    x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation
-) -> tuple[Tensor, Tensor]:
+def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> tuple[Tensor, Tensor]:
     """(a, saved) as :func:`manualbp.backends.reference.linear_forward`, for float32/float64.
 
     z is the GEMM's own fresh result, so output-derivable activations overwrite it in place.

@@ -44,7 +44,14 @@ from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
 from manualbp.backends import fast, reference
 from manualbp.backends.reference import cast, compute_dtype, up
-from manualbp.ops._common import autocast_on, autocast_to, check_linear_args, check_same, check_tensor, no_autocast
+from manualbp.ops._common import (
+    autocast_on,
+    autocast_to,
+    check_linear_args,
+    check_same,
+    check_tensor,
+    no_autocast,
+)
 from manualbp.ops.linear_act import eager_backend, tangent_z
 from manualbp.ops.network_fast import fast_sweep
 
@@ -249,7 +256,7 @@ class MLPFunction(PositionalFunction):
             n_params = len(rest) - plan.depth
             params, kept = rest[:n_params], list(rest[n_params:])
         layers = plan.split(params)
-        if plan.backend is fast and not torch.is_grad_enabled():
+        if plan.backend is fast and not torch.is_grad_enabled() and not autocast_on("cpu"):
             release = fast_kept and not _keep_graph()
             if plan.recompute:
                 _, kept = _forward_layers(x, plan, layers)

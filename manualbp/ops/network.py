@@ -217,14 +217,13 @@ class MLPFunction(PositionalFunction):
         # (M × width) tensor of zeros for each of them at the start of backward.
         ctx.set_materialize_grads(False)
         ctx.plan = plan
-        saved: list[Tensor | None] = [None] * plan.depth
+        depth = len(kept)
+        saved: list[Tensor | None] = [None] * depth
         last_a = False
         if not plan.recompute:
-            for i, k in enumerate(kept):
-                if not plan.keeps(i):
-                    continue
-                last_a = i == plan.depth - 1 and plan.acts[i].uses_output
-                saved[i] = out if last_a else k
+            saved = [k if k.dim() == 2 else None for k in kept]  # (0,) placeholders: none kept
+            if plan.keeps(depth - 1) and plan.acts[-1].uses_output:
+                last_a, saved[-1] = True, out
         ctx.save_for_forward(x, *params)
         ctx.kept = None
         if plan.backend is fast and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
@@ -401,9 +400,10 @@ def mlp_network(
         params.append(weight)
         if bias is not None:
             params.append(bias)
-    rows = x.reshape(-1, x.shape[-1])
-    out, *_ = MLPFunction.apply(rows, plan, *params)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+    if x.dim() == 2:
+        return MLPFunction.apply(x, plan, *params)[0]
+    out, *_ = MLPFunction.apply(x.reshape(-1, x.shape[-1]), plan, *params)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def mlp(
@@ -421,20 +421,26 @@ def mlp(
     Under `torch.autocast` every layer computes in the autocast dtype, as `nn.Linear` would there.
     """
     check_tensor("input", input)
-    device_type = input.device.type
-    if autocast_on(device_type):
-        input, *weights = autocast_to(device_type, None, input, *weights)
-        biases = list(autocast_to(device_type, None, *biases))
+    device, dtype = input.device, input.dtype
+    autocast = autocast_on(device.type)
+    if autocast:
+        input, *weights = autocast_to(device.type, None, input, *weights)
+        biases = list(autocast_to(device.type, None, *biases))
+        dtype = input.dtype
     check_linear_args(input, weights[0], biases[0])
     for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        check_same(f"layers.{i}.weight", weight, "input", input)
-        if bias is not None:
+        # The names are formatted only for an error message (this runs every call).
+        if weight.dtype != dtype or weight.device != device:
+            check_same(f"layers.{i}.weight", weight, "input", input)
+        if bias is not None and (bias.dtype != dtype or bias.device != device):
             check_same(f"layers.{i}.bias", bias, "input", input)
-    with no_autocast(device_type):
-        return mlp_network(
-            input, weights, biases, acts, backend=eager_backend(input.device), recompute=recompute,
-            workspace=workspace,
-        )
+    backend = eager_backend(device)
+    if not autocast:
+        return mlp_network(input, weights, biases, acts, backend=backend, recompute=recompute,
+                           workspace=workspace)  # fmt: skip
+    with no_autocast(device.type):
+        return mlp_network(input, weights, biases, acts, backend=backend, recompute=recompute,
+                           workspace=workspace)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ measuring

@@ -108,6 +108,12 @@ def mlp_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 model.zero_grad(set_to_none=True)
                 # .grad tensors allocated during the step are part of every contender's peak.
                 peak, cuda_peak = peak_bytes(step, device)
+                # Network mode's δ workspace outlives the step (it is reused by the next one):
+                # count the buffers it holds as if this step had allocated them.
+                workspace = getattr(model, "_workspace", None)
+                held = workspace.nbytes if workspace is not None else 0
+                peak += held
+                cuda_peak = None if cuda_peak is None else cuda_peak + held
                 model.zero_grad(set_to_none=True)
                 rows.append(
                     dict(

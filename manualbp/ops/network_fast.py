@@ -6,8 +6,9 @@ The same loop as :func:`manualbp.ops.network._backward_loop` with the reference 
     ∇Wˡ   = δˡᵀ aˡ⁻¹,  ∇bˡ = Σ δˡ         fresh tensors (handed to autograd)
     δˡ⁻¹  = f′ˡ⁻¹ ⊙ (δˡ Wˡ)               the GEMM writes into a workspace buffer, f′ in place
 
-The δ temporaries ping-pong between two buffers borrowed from the owner's workspace (or fresh
-ones without a workspace); the gradient of the input is always a fresh tensor. With `release`
+The δ temporaries live in one buffer borrowed from the owner's workspace (fresh without one)
+and in the kept tensors the sweep has finished with; the gradient of the input, and every
+parameter gradient, is always a fresh tensor. With `release`
 (the graph is not retained) each layer's kept tensor is dropped as soon as the sweep has used it
 — for δ of its layer and as the input of the layer above's weight gradient — so the peak of
 backward does not hold every activation next to every parameter gradient.
@@ -52,29 +53,52 @@ def fast_sweep(
         return (None, None, *grads)
 
     rows = grad_out.shape[0]
-    top_identity = acts[top].name == "identity"
-    widths = [layers[i][0].shape[1] for i in range(stop + 1, top + 1)]
-    if not top_identity:
-        widths.append(grad_out.shape[1])
-    numel = rows * max(widths, default=0)
     ws = plan.workspace
-    bufs = [ws.take(numel, grad_out), ws.take(numel, grad_out)] if ws is not None and numel else None
+    # Flat buffers this sweep may overwrite: the one borrowed from the workspace, and — when the
+    # graph is not retained — each kept tensor once the sweep is done with it (they are
+    # reachable from this sweep alone then; the network output, kept by an output-derivable last
+    # layer, is the caller's and never reused). So δ temporaries cost no allocation after the
+    # first step, and no memory beyond the one borrowed buffer.
+    free: list[Tensor] = []
+    widths = [layers[i][0].shape[1] for i in range(stop + 1, top + 1)]
+    borrowed = ws.take(rows * max(widths), grad_out) if ws is not None and widths and rows else None
+    if borrowed is not None:
+        free.append(borrowed)
+
+    def buffer(width: int) -> Tensor:
+        n = rows * width
+        for i, b in enumerate(free):
+            if b.numel() >= n:
+                return free.pop(i)
+        return grad_out.new_empty(n)
+
+    def recycle(t: Tensor | None) -> None:
+        if t is not None and release and t._base is None and t.is_contiguous():
+            free.append(t.view(-1))
 
     try:
-        if top_identity:
+        top_kept = kept[top]
+        d_buf: Tensor | None = None  # the flat buffer d lives in, when it is one of ours
+        if acts[top].name == "identity":
             d = grad_out
+        elif release and top_kept is not None and top_kept is not outputs_top(plan, top_kept):
+            d = fast.delta(acts[top], grad_out, top_kept, top_kept)  # δ over the kept z
+            d_buf = top_kept.view(-1)
         else:
-            out = None if bufs is None else bufs[0][: grad_out.numel()].view(grad_out.shape)
-            d = fast.delta(acts[top], grad_out, kept[top], out)  # type: ignore[arg-type]
+            d = fast.delta(acts[top], grad_out, top_kept)  # type: ignore[arg-type]
         if release:
             kept[top] = None
-        which, grad_x = 0, None
+        grad_x = None
         for layer in range(top, stop - 1, -1):
             weight = layers[layer][0]
             need_weight, need_bias = wants[layer]
-            j, has_bias = offsets[layer]
+            j, _ = offsets[layer]
             if need_weight:
-                grads[j] = torch.mm(d.t(), _layer_input(x, acts, kept, layer))
+                a_in = _layer_input(x, acts, kept, layer)
+                grads[j] = torch.mm(d.t(), a_in)
+                if layer > 0 and a_in is not kept[layer - 1]:
+                    recycle(a_in)  # a recomputed f(z): a temporary of ours
+                del a_in
             if need_bias:
                 grads[j + 1] = d.sum(0)
             if layer - 1 < lowest:
@@ -82,21 +106,27 @@ def fast_sweep(
             if layer == 0:
                 grad_x = torch.mm(d, weight)  # handed to autograd: a fresh tensor
                 continue
-            if bufs is None:
-                g = torch.mm(d, weight)
-            else:
-                which ^= 1
-                width = weight.shape[1]
-                g = torch.mm(d, weight, out=bufs[which][: rows * width].view(rows, width))
+            width = weight.shape[1]
+            g_buf = buffer(width)
+            g = torch.mm(d, weight, out=g_buf[: rows * width].view(rows, width))
+            if d_buf is not None:
+                free.append(d_buf)
+            d, d_buf = g, g_buf
             prev = acts[layer - 1]
-            d = g if prev.name == "identity" else fast.delta(prev, g, kept[layer - 1], g)  # type: ignore[arg-type]
+            if prev.name != "identity":
+                d = fast.delta(prev, g, kept[layer - 1], g)  # type: ignore[arg-type]
             if release:
+                recycle(kept[layer - 1])
                 kept[layer - 1] = None
         return (grad_x, None, *grads)
     finally:
-        if bufs is not None:
-            for buf in bufs:
-                ws.give(buf)
+        if ws is not None and borrowed is not None:
+            ws.give(borrowed)
+
+
+def outputs_top(plan: Any, top_kept: Tensor) -> Tensor | None:
+    """The kept tensor of the last layer when it is the network output (the caller's), else None."""
+    return top_kept if plan.acts[-1].uses_output else None
 
 
 def _layer_input(x: Tensor, acts: Any, kept: list[Tensor | None], layer: int) -> Tensor:

@@ -57,12 +57,24 @@ class ReferenceGemms:
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         cdt = compute_dtype(x.dtype)
-        z = x.to(cdt) @ weight.to(cdt).t()
-        return z if bias is None else z + bias.to(cdt)
+        if bias is None:
+            return x.to(cdt) @ weight.to(cdt).t()
+        return torch.addmm(bias.to(cdt), x.to(cdt), weight.to(cdt).t())  # bias in the GEMM
 
     @staticmethod
     def grad_input(grad: Tensor, weight: Tensor, out: Tensor) -> None:
-        out.copy_(grad @ weight.to(grad.dtype))
+        if out.dtype == grad.dtype and out.is_contiguous() and not torch.is_grad_enabled():
+            torch.mm(grad, weight.to(grad.dtype), out=out)  # straight into the rows of grad_x
+        else:
+            out.copy_(grad @ weight.to(grad.dtype))
+
+    @staticmethod
+    def accumulate(grad: Tensor, x: Tensor, acc_w: Tensor | None, acc_b: Tensor | None) -> None:
+        """acc_w += gradᵀ x and acc_b += Σ grad, the GEMM adding into the accumulator itself."""
+        if acc_w is not None:
+            acc_w.addmm_(grad.t(), x.to(grad.dtype))
+        if acc_b is not None:
+            acc_b += grad.sum(0)
 
     @staticmethod
     def grad_weight(
@@ -127,6 +139,8 @@ def run_chunks(
     grad_x = x.new_empty((M, K)) if need_x else None
     acc_w = weight.new_zeros((N, K), dtype=acc_dtype) if need_weight else None
     acc_b = weight.new_zeros((N,), dtype=acc_dtype) if need_bias else None
+    # In place into the float32/float64 accumulators (the reference GEMMs; not under a graph).
+    accumulate = getattr(gemms, "accumulate", None) if not torch.is_grad_enabled() else None
     for start in range(0, M, chunk_size):
         rows = slice(start, min(start + chunk_size, M))
         x_c = x[rows]
@@ -135,7 +149,9 @@ def run_chunks(
             continue
         if grad_x is not None:
             gemms.grad_input(grad, weight, grad_x[rows])
-        if need_weight or need_bias:
+        if (need_weight or need_bias) and accumulate is not None:
+            accumulate(grad, x_c, acc_w, acc_b)
+        elif need_weight or need_bias:
             g_w, g_b = gemms.grad_weight(grad, x_c, need_weight, need_bias)
             if acc_w is not None:
                 acc_w += g_w

@@ -73,7 +73,8 @@ def fast_sweep(
         return grad_out.new_empty(n)
 
     def recycle(t: Tensor | None) -> None:
-        if t is not None and release and t._base is None and t.is_contiguous():
+        # At most two spare buffers are held (δ needs one per step); the rest are freed now.
+        if t is not None and release and len(free) < 2 and t._base is None and t.is_contiguous():
             free.append(t.view(-1))
 
     try:

@@ -15,10 +15,10 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
+from manualbp.backends.fast import Workspace
 
 __all__ = ["Linear", "LinearAct", "MLP", "TransposedLinear"]
 
@@ -134,7 +134,16 @@ def _must_call(layers: nn.ModuleList) -> bool:
         or nn.modules.module._global_backward_pre_hooks
     ):
         return True
-    return any(has_hooks(layer) or parametrize.is_parametrized(layer) for layer in layers)
+    for layer in layers:
+        if (
+            layer._forward_hooks
+            or layer._forward_pre_hooks
+            or layer._backward_hooks
+            or layer._backward_pre_hooks
+            or "parametrizations" in layer._modules  # what parametrize.is_parametrized reads
+        ):
+            return True
+    return False
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -192,6 +201,9 @@ class MLP(nn.Module):
         if recompute and mode != "network":
             raise ValueError(f"recompute: True needs mode='network', got mode={mode!r}")
         self.mode, self.recompute = mode, recompute
+        # Network mode's reusable δ buffers (CPU fast path): bounded, never handed out, dropped
+        # with the module; copies and pickles of the module start with an empty one.
+        self._workspace = Workspace()
         self.sizes = [int(s) for s in sizes]
         hidden = get_activation(activation, negative_slope=negative_slope)
         last = get_activation(output_activation)
@@ -219,13 +231,15 @@ class MLP(nn.Module):
             for layer in self.layers:
                 input = layer(input)
             return input
-        layers = cast(list[LinearAct], list(self.layers))
+        # The parameters straight from each layer's dict: no parametrizations here (_must_call).
+        params = [layer._parameters for layer in self.layers._modules.values()]
         return MF.mlp(
             input,
-            [layer.weight for layer in layers],
-            [layer.bias for layer in layers],
-            [layer.act for layer in layers],
+            [p["weight"] for p in params],
+            [p["bias"] for p in params],
+            [layer.act for layer in self.layers._modules.values()],
             recompute=self.recompute,
+            workspace=getattr(self, "_workspace", None),
         )
 
     def extra_repr(self) -> str:

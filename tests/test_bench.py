@@ -70,6 +70,11 @@ def test_cli_runs_layer_mlp_loss_memory_end_to_end(tmp_path: Path) -> None:
     for row in memory:
         if row["variant"] == "fused":
             continue  # manualbp's fused linear_cross_entropy: its own tests hold it to native
+        if row["variant"].startswith("torch-"):
+            # torch's own F.linear_cross_entropy (a contender, not ours): what it saves is its
+            # business (a variant may report 0 saved bytes through saved_tensors_hooks).
+            assert row["status"] == "ok", row
+            continue
         assert row["status"] == "ok", row
         assert int(row["saved_bytes"]) > 0
         if row["op"] == "layer":

@@ -98,16 +98,20 @@ def test_no_input_gradient_when_not_required():
 
 
 def test_only_requested_gradients_are_computed(monkeypatch):
-    from manualbp.backends import reference
+    from manualbp.backends import fast, reference
 
     seen = {}
-    real = reference.linear_backward
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+    def spying(real):
+        def spy(*args, **kwargs):
+            seen.update(kwargs)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "linear_backward", spy)
+        return spy
+
+    # Whichever runs: the reference, or its first-order fast path (CPU float32/float64).
+    monkeypatch.setattr(reference, "linear_backward", spying(reference.linear_backward))
+    monkeypatch.setattr(fast, "linear_backward", spying(fast.linear_backward))
     x = torch.randn(4, 3, dtype=torch.float64)
     w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64)  # frozen bias

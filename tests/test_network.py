@@ -6,7 +6,8 @@ from torch import nn
 
 import manualbp as mbp
 from manualbp.activations import get_activation
-from manualbp.ops import network
+from manualbp.backends import fast
+from manualbp.ops import network, network_fast
 from manualbp.ops.network import saved_tensor_bytes
 
 from .helpers import TOL, rel_err
@@ -73,6 +74,31 @@ def _model(depth, activation, output, bias, dtype, **kw) -> mbp.MLP:
     return model.to(dtype)
 
 
+def test_fast_path_stops_at_lowest_needed_layer(monkeypatch):
+    inputs: list[int] = []
+    deltas: list[int] = []
+    real_input, real_delta = network_fast._layer_input, fast.delta
+
+    def spy_input(x, acts, kept, layer):
+        inputs.append(layer)
+        return real_input(x, acts, kept, layer)
+
+    def spy_delta(act, grad, saved, out=None):
+        deltas.append(grad.shape[1])
+        return real_delta(act, grad, saved, out)
+
+    monkeypatch.setattr(network_fast, "_layer_input", spy_input)
+    monkeypatch.setattr(fast, "delta", spy_delta)
+    model = mbp.MLP([7, 11, 5, 9, 6], "gelu", dtype=torch.float64)
+    model.layers[0].requires_grad_(False)
+    model.layers[1].requires_grad_(False)
+    model(torch.randn(4, 7, dtype=torch.float64)).sum().backward()
+    # Weight gradients of layers 3 and 2 only; one δ formed below the top (δ² = f′ ⊙ δ³W³).
+    assert inputs == [3, 2]
+    assert deltas == [9]
+    assert all(p.grad is None for p in model.layers[:2].parameters())
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
@@ -100,6 +126,9 @@ def test_frozen_parameters(activation, frozen):
 
 
 def test_backward_stops_at_lowest_needed_layer(monkeypatch):
+    # The reference loop (the CPU fast path off); test_fast_path_stops_at_lowest_needed_layer
+    # holds the fast sweep to the same.
+    monkeypatch.setattr(fast, "fast_ok", lambda x: False)
     calls: list[tuple[int, bool]] = []
     real = network.reference_step
 

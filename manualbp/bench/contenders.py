@@ -221,7 +221,25 @@ class NativeContender(Contender):
 
     def loss_variants(self) -> dict[str, LossFn | None]:
         unfused: LossFn = lambda x, w, b, t: F.cross_entropy(F.linear(x, w, b), t)
-        return {"unfused": self.finalize_fn(unfused)}
+        variants: dict[str, LossFn | None] = {"unfused": self.finalize_fn(unfused)}
+        if self.compile_mode is None:
+            variants.update(torch_linear_cross_entropy())
+        return variants
+
+
+def torch_linear_cross_entropy() -> dict[str, LossFn | None]:
+    """torch's own `F.linear_cross_entropy` (torch ≥ 2.13), plain and chunked: variants "torch-fused"
+    (`options=None`, its reference path) and "torch-chunked" (`LinearCrossEntropyOptions()`);
+    None where this torch has no such function."""
+    fn = getattr(F, "linear_cross_entropy", None)
+    options_cls = getattr(nn, "LinearCrossEntropyOptions", None)
+    if fn is None:
+        return {"torch-fused": None, "torch-chunked": None}
+    plain: LossFn = lambda x, w, b, t: fn(x, w, t, linear_bias=b)
+    chunked: LossFn | None = None
+    if options_cls is not None:
+        chunked = lambda x, w, b, t: fn(x, w, t, linear_bias=b, options=options_cls())  # noqa: E731
+    return {"torch-fused": plain, "torch-chunked": chunked}
 
 
 def make_contenders(names: Sequence[str]) -> list[Contender]:

@@ -57,12 +57,24 @@ class ReferenceGemms:
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         cdt = compute_dtype(x.dtype)
-        z = x.to(cdt) @ weight.to(cdt).t()
-        return z if bias is None else z + bias.to(cdt)
+        if bias is None:
+            return x.to(cdt) @ weight.to(cdt).t()
+        return torch.addmm(bias.to(cdt), x.to(cdt), weight.to(cdt).t())  # bias in the GEMM
 
     @staticmethod
     def grad_input(grad: Tensor, weight: Tensor, out: Tensor) -> None:
-        out.copy_(grad @ weight.to(grad.dtype))
+        if out.dtype == grad.dtype and out.is_contiguous() and not torch.is_grad_enabled():
+            torch.mm(grad, weight.to(grad.dtype), out=out)  # straight into the rows of grad_x
+        else:
+            out.copy_(grad @ weight.to(grad.dtype))
+
+    @staticmethod
+    def accumulate(grad: Tensor, x: Tensor, acc_w: Tensor | None, acc_b: Tensor | None) -> None:
+        """acc_w += gradᵀ x and acc_b += Σ grad, the GEMM adding into the accumulator itself."""
+        if acc_w is not None:
+            acc_w.addmm_(grad.t(), x.to(grad.dtype))
+        if acc_b is not None:
+            acc_b += grad.sum(0)
 
     @staticmethod
     def grad_weight(
@@ -127,6 +139,8 @@ def run_chunks(
     grad_x = x.new_empty((M, K)) if need_x else None
     acc_w = weight.new_zeros((N, K), dtype=acc_dtype) if need_weight else None
     acc_b = weight.new_zeros((N,), dtype=acc_dtype) if need_bias else None
+    # In place into the float32/float64 accumulators (the reference GEMMs; not under a graph).
+    accumulate = getattr(gemms, "accumulate", None) if not torch.is_grad_enabled() else None
     for start in range(0, M, chunk_size):
         rows = slice(start, min(start + chunk_size, M))
         x_c = x[rows]
@@ -135,7 +149,9 @@ def run_chunks(
             continue
         if grad_x is not None:
             gemms.grad_input(grad, weight, grad_x[rows])
-        if need_weight or need_bias:
+        if (need_weight or need_bias) and accumulate is not None:
+            accumulate(grad, x_c, acc_w, acc_b)
+        elif need_weight or need_bias:
             g_w, g_b = gemms.grad_weight(grad, x_c, need_weight, need_bias)
             if acc_w is not None:
                 acc_w += g_w
@@ -286,19 +302,33 @@ def op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tup
 # ------------------------------------------------------------------------------ arguments
 
 
-def default_chunk_size(rows: int, in_features: int, classes: int) -> int:
+#: On CPU a chunk's logits are at least this many elements (8 MiB in float32): below it the
+#: chunk loop's per-chunk costs (small GEMMs, one (C × K) accumulation per chunk) make the fused
+#: head slower than the unfused one (1024 × 256 → 4000: 64-row chunks ran at 0.64× unfused).
+CPU_CHUNK_ELEMENTS = 1 << 21
+
+
+def _pow2_at_least(n: int) -> int:
+    return max(1, 1 << max(0, n - 1).bit_length())
+
+
+def default_chunk_size(rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
     """Rows per chunk so that a chunk's (rows × classes) logits are about the size of x.
 
     Liger-Kernel's rule: chunk = next power of two ≥ M / ⌈C / K⌉. For a head with C ≤ K the whole
-    batch is one chunk; for C = 32·K it is M/32 rows.
+    batch is one chunk; for C = 32·K it is M/32 rows. On CPU (`cpu=True`) a chunk also holds at
+    least :data:`CPU_CHUNK_ELEMENTS` logits (next power of two of rows), when there are the rows.
     """
     factor = max(1, math.ceil(classes / max(in_features, 1)))
-    return max(1, 1 << max(0, math.ceil(rows / factor) - 1).bit_length())
+    chunk = _pow2_at_least(math.ceil(rows / factor))
+    if cpu:
+        chunk = max(chunk, min(_pow2_at_least(rows), _pow2_at_least(CPU_CHUNK_ELEMENTS // max(classes, 1))))
+    return chunk
 
 
-def check_chunk(chunk_size: Any, rows: int, in_features: int, classes: int) -> int:
+def check_chunk(chunk_size: Any, rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
     if chunk_size is None:
-        return default_chunk_size(rows, in_features, classes)
+        return default_chunk_size(rows, in_features, classes, cpu=cpu)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"chunk_size: expected a positive int or None, got {type(chunk_size).__name__} "

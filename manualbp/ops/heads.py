@@ -446,7 +446,8 @@ def linear_cross_entropy(
     check_head(x, weight, bias, reduction)
     _check_class_target(target, x, ignore_index)
     rows = x.reshape(-1, x.shape[-1])
-    chunk = check_chunk(chunk_size, rows.shape[0], weight.shape[1], weight.shape[0])
+    chunk = check_chunk(chunk_size, rows.shape[0], weight.shape[1], weight.shape[0],
+                        cpu=rows.device.type == "cpu")  # fmt: skip
     args = (rows, weight, bias, target.reshape(-1), reduction, int(ignore_index), chunk)
     if torch._C._are_functorch_transforms_active():
         # vmap / jvp / grad transforms: the layer and the loss as two Functions (they support

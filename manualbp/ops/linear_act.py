@@ -56,10 +56,11 @@ from torch import Tensor
 from manualbp import backends
 from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
-from manualbp.backends import reference
+from manualbp.backends import fast, reference
 from manualbp.backends.reference import cast, up
 from manualbp.ops._common import (
     NS,
+    autocast_on,
     autocast_to,
     backend_module,
     check_linear_args,
@@ -131,6 +132,13 @@ class LinearActFunction(PositionalFunction):
         x, weight, bias, kept = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         backend, x_rows = ctx.backend, rows(x)
+        if backend is fast and not torch.is_grad_enabled() and not autocast_on("cpu"):
+            grads = fast.linear_backward(
+                grad_out, x_rows, weight, kept, ctx.act, need_input=need_input,
+                need_weight=need_weight, need_bias=need_bias and bias is not None,
+            )  # fmt: skip
+            gx = grads[0]
+            return (gx if gx is None else gx.view(x.shape), *grads[1:], None, None)
         with no_autocast(x.device.type):  # backward called inside an autocast block
             if torch.is_grad_enabled():  # create_graph: differentiable torch ops (class docstring)
                 backend = reference
@@ -202,12 +210,18 @@ def linear(
     """
     act = get_activation(activation, negative_slope=negative_slope)
     check_tensor("input", x)  # before anything reads x.device: a list must get a clear error
-    x, weight, bias = autocast_to(x.device.type, None, x, weight, bias)
+    device_type = x.device.type
+    autocast = autocast_on(device_type)
+    if autocast:
+        x, weight, bias = autocast_to(device_type, None, x, weight, bias)
     check_linear_args(x, weight, bias)
     if torch.compiler.is_compiling():
         return linear_op(x, weight, bias, act)
-    backend = eager_backend(x.device)
-    with no_autocast(x.device.type):
+    backend = fast.swap(eager_backend(x.device), x)  # reference equations, first order, fused ops
+    if autocast:
+        with no_autocast(device_type):
+            out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
+    else:
         out, _ = LinearActFunction.apply(x, weight, bias, act, backend)
     # The leading dimensions come back outside the Function: its output is never a view.
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
@@ -255,8 +269,8 @@ backend_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _linear_forward_with(
     backend: ModuleType, x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation
 ) -> tuple[Tensor, Tensor]:
-    with no_autocast(x.device.type):
-        out, saved = backend.linear_forward(x, weight, bias, act)
+    with no_autocast(x.device.type):  # the eager Function's fast path too: bitwise the same
+        out, saved = fast.swap(backend, x).linear_forward(x, weight, bias, act)
     z = placeholder(out) if act.uses_output else saved
     return out, z
 
@@ -272,7 +286,7 @@ def _linear_backward_with(
 ) -> tuple[Tensor, Tensor, Tensor]:
     need_input, need_weight, need_bias = flags
     with no_autocast(x.device.type):
-        grads = backend.linear_backward(
+        grads = fast.swap(backend, x).linear_backward(
             grad_out,
             x,
             weight,

@@ -20,10 +20,12 @@ identity activation keeps nothing at all. Native autograd keeps both z and a for
 layers, so this is half its activation memory. With `recompute=True` only the block input is kept
 and backward reruns the forward first (activation checkpointing of the whole block).
 
-Peak memory: the kept tensors are released when this node's backward returns, not layer by layer
-as the per-layer nodes release theirs, so at the end of backward they coexist with all parameter
-gradients. Where activations dominate (rows ≫ width) the peak is still at or below native's; for
-few rows and wide layers it can be above it (experiments/bench_memory.py measures both).
+Peak memory: on the CPU fast path (:mod:`manualbp.ops.network_fast`, float32/float64, first
+order, graph not retained) each layer's kept tensor is dropped as soon as the sweep has used it,
+and its storage may take the next δ, so the kept tensors do not pile up next to the parameter
+gradients; experiments/bench_memory.py measures the peak at or below native's. Elsewhere (the
+Triton and 16-bit paths, retain_graph=True, saved-tensor hooks active) the kept tensors are saved
+tensors, released when this node's backward returns.
 
 For 16-bit storage the recomputed a = f(z) starts from the stored (rounded) z, where forward
 rounded f of the float32 z: the two can differ in the last bit. In float32/float64 they are equal.
@@ -42,10 +44,18 @@ from torch import Tensor
 
 from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
-from manualbp.backends import reference
+from manualbp.backends import fast, reference
 from manualbp.backends.reference import cast, compute_dtype, up
-from manualbp.ops._common import autocast_to, check_linear_args, check_same, check_tensor, no_autocast
+from manualbp.ops._common import (
+    autocast_on,
+    autocast_to,
+    check_linear_args,
+    check_same,
+    check_tensor,
+    no_autocast,
+)
 from manualbp.ops.linear_act import eager_backend, tangent_z
+from manualbp.ops.network_fast import fast_sweep
 
 __all__ = [
     "MLPFunction",
@@ -67,6 +77,8 @@ class NetworkPlan:
     has_bias: tuple[bool, ...]
     backend: ModuleType
     recompute: bool = False
+    # The owner's reusable δ buffers (fast path only; see manualbp.backends.fast.Workspace).
+    workspace: Any = field(default=None, compare=False)
 
     @property
     def depth(self) -> int:
@@ -144,10 +156,12 @@ def _forward_layers(
 ) -> tuple[Tensor, list[Tensor | None]]:
     """Run the stack; returns the output and, per layer, the tensor backward keeps (or None)."""
     kept: list[Tensor | None] = []
-    a = x
-    for i, (act, (weight, bias)) in enumerate(zip(plan.acts, layers, strict=True)):
-        a, saved = plan.backend.linear_forward(a, weight, bias, act)
-        kept.append(saved if plan.keeps(i) else None)
+    a, forward = x, plan.backend.linear_forward
+    for act, (weight, bias) in zip(plan.acts, layers, strict=True):
+        a, saved = forward(a, weight, bias, act)
+        kept.append(saved)
+    if not plan.keeps(len(kept) - 1):
+        kept[-1] = None
     return a, kept
 
 
@@ -205,15 +219,30 @@ class MLPFunction(PositionalFunction):
         # (M × width) tensor of zeros for each of them at the start of backward.
         ctx.set_materialize_grads(False)
         ctx.plan = plan
-        saved: list[Tensor | None] = [None] * plan.depth
+        depth = len(kept)
+        saved: list[Tensor | None] = [None] * depth
+        last_a = False
         if not plan.recompute:
-            for i, k in enumerate(kept):
-                if not plan.keeps(i):
-                    continue
-                last_a = i == plan.depth - 1 and plan.acts[i].uses_output
-                saved[i] = out if last_a else k
-        ctx.save_for_backward(x, *params, *saved)
+            saved = [k if k.dim() == 2 else None for k in kept]  # (0,) placeholders: none kept
+            if plan.keeps(depth - 1) and plan.acts[-1].uses_output:
+                last_a, saved[-1] = True, out
         ctx.save_for_forward(x, *params)
+        ctx.kept = None
+        if plan.backend is fast and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            # The fast sweep frees each layer's kept tensor as soon as it has used it, which
+            # saved tensors cannot do (autograd frees them all when backward returns). The kept
+            # intermediates are reachable from this node alone (mlp_network drops the extra
+            # outputs), so nothing can modify them in place; their versions are still checked,
+            # as saved tensors would be. The output itself (kept by the last layer) stays a saved
+            # tensor: on ctx it would make a reference cycle, and the caller may modify it.
+            # With saved-tensor hooks active (save_on_cpu, checkpointing, measuring) everything
+            # goes through save_for_backward, so the hooks see it.
+            top = saved[-1] if last_a else None
+            ctx.save_for_backward(x, *params, top)
+            ctx.kept = [None if last_a and i == plan.depth - 1 else k for i, k in enumerate(saved)]
+            ctx.versions = [None if k is None else k._version for k in ctx.kept]
+        else:
+            ctx.save_for_backward(x, *params, *saved)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_grad_kept: Tensor) -> tuple:
@@ -221,9 +250,18 @@ class MLPFunction(PositionalFunction):
         x, *rest = ctx.saved_tensors
         if grad_out is None:  # possible only without materialized grads: nothing flows back
             return (None,) * (len(ctx.needs_input_grad))
-        n_params = len(rest) - plan.depth
-        params, kept = rest[:n_params], list(rest[n_params:])
+        fast_kept = ctx.kept is not None
+        if fast_kept:
+            params, kept = rest[:-1], _take_kept(ctx, rest[-1])
+        else:
+            n_params = len(rest) - plan.depth
+            params, kept = rest[:n_params], list(rest[n_params:])
         layers = plan.split(params)
+        if plan.backend is fast and not torch.is_grad_enabled() and not autocast_on("cpu"):
+            release = fast_kept and not _keep_graph()
+            if plan.recompute:
+                _, kept = _forward_layers(x, plan, layers)
+            return fast_sweep(ctx.needs_input_grad, plan, x, kept, layers, grad_out, release)
         with no_autocast(x.device.type):  # backward may run inside an autocast block
             if torch.is_grad_enabled():
                 # create_graph: the loop must itself be differentiable. The kept tensors are
@@ -246,6 +284,28 @@ class MLPFunction(PositionalFunction):
             a_t = act.delta(z_t, up(saved))
         assert a_t is not None
         return (cast(a_t, x.dtype), *(None,) * plan.depth)
+
+def _take_kept(ctx: Any, top: Tensor | None) -> list[Tensor | None]:
+    """The kept tensors from ctx, version-checked as saved tensors are (see setup_context)."""
+    kept = list(ctx.kept)
+    if top is not None:
+        kept[-1] = top
+    for i, (k, v) in enumerate(zip(ctx.kept, ctx.versions, strict=True)):
+        if k is not None and k._version != v:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: the tensor kept by layer {i} of MLPFunctionBackward is at "
+                f"version {k._version}; expected version {v} instead."
+            )
+    if not _keep_graph():
+        ctx.kept = None  # the sweep holds the only references now, and drops them as it goes
+    return kept
+
+
+def _keep_graph() -> bool:
+    """Whether this backward was asked to keep the graph (retain_graph=True)."""
+    return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+
 
 def _backward_loop(
     needs_input_grad: tuple[bool, ...],
@@ -315,11 +375,16 @@ def mlp_network(
     *,
     backend: ModuleType,
     recompute: bool = False,
+    workspace: fast.Workspace | None = None,
 ) -> Tensor:
     """The stack as one autograd node. `x` is (..., in); leading dimensions are kept.
 
     The caller checks shapes and dtypes (the modules do); `backend` is a resolved backend module.
+    The reference backend runs its first-order fast path (:mod:`manualbp.backends.fast`) for
+    CPU float32/float64 inputs; `workspace` (the module's) lends that path its δ buffers.
     """
+    if backend is reference and fast.fast_ok(x):
+        backend = fast
     if not (len(weights) == len(biases) == len(acts) > 0):
         raise ValueError(
             f"weights/biases/acts: expected the same positive length, got "
@@ -330,15 +395,17 @@ def mlp_network(
         has_bias=tuple(b is not None for b in biases),
         backend=backend,
         recompute=bool(recompute),
+        workspace=workspace,
     )
     params: list[Tensor] = []
     for weight, bias in zip(weights, biases, strict=True):
         params.append(weight)
         if bias is not None:
             params.append(bias)
-    rows = x.reshape(-1, x.shape[-1])
-    out, *_ = MLPFunction.apply(rows, plan, *params)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+    if x.dim() == 2:
+        return MLPFunction.apply(x, plan, *params)[0]
+    out, *_ = MLPFunction.apply(x.reshape(-1, x.shape[-1]), plan, *params)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def mlp(
@@ -348,6 +415,7 @@ def mlp(
     acts: Sequence[Activation],
     *,
     recompute: bool = False,
+    workspace: fast.Workspace | None = None,
 ) -> Tensor:
     """aᴸ of the stack, as one autograd node on the backend in force for `input`'s device.
 
@@ -355,18 +423,26 @@ def mlp(
     Under `torch.autocast` every layer computes in the autocast dtype, as `nn.Linear` would there.
     """
     check_tensor("input", input)
-    device_type = input.device.type
-    input, *weights = autocast_to(device_type, None, input, *weights)
-    biases = list(autocast_to(device_type, None, *biases))
+    device, dtype = input.device, input.dtype
+    autocast = autocast_on(device.type)
+    if autocast:
+        input, *weights = autocast_to(device.type, None, input, *weights)
+        biases = list(autocast_to(device.type, None, *biases))
+        dtype = input.dtype
     check_linear_args(input, weights[0], biases[0])
     for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        check_same(f"layers.{i}.weight", weight, "input", input)
-        if bias is not None:
+        # The names are formatted only for an error message (this runs every call).
+        if weight.dtype != dtype or weight.device != device:
+            check_same(f"layers.{i}.weight", weight, "input", input)
+        if bias is not None and (bias.dtype != dtype or bias.device != device):
             check_same(f"layers.{i}.bias", bias, "input", input)
-    with no_autocast(device_type):
-        return mlp_network(
-            input, weights, biases, acts, backend=eager_backend(input.device), recompute=recompute
-        )
+    backend = eager_backend(device)
+    if not autocast:
+        return mlp_network(input, weights, biases, acts, backend=backend, recompute=recompute,
+                           workspace=workspace)  # fmt: skip
+    with no_autocast(device.type):
+        return mlp_network(input, weights, biases, acts, backend=backend, recompute=recompute,
+                           workspace=workspace)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ measuring

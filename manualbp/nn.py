@@ -232,12 +232,13 @@ class MLP(nn.Module):
                 input = layer(input)
             return input
         # The parameters straight from each layer's dict: no parametrizations here (_must_call).
-        params = [layer._parameters for layer in self.layers._modules.values()]
+        layers = cast(list[LinearAct], list(self.layers._modules.values()))
+        params: list[dict[str, Any]] = [layer._parameters for layer in layers]
         return MF.mlp(
             input,
             [p["weight"] for p in params],
             [p["bias"] for p in params],
-            [layer.act for layer in self.layers._modules.values()],
+            [layer.act for layer in layers],
             recompute=self.recompute,
             workspace=getattr(self, "_workspace", None),
         )

@@ -86,7 +86,7 @@ def fast_sweep(
             d = fast.delta(acts[top], grad_out, top_kept, top_kept)  # δ over the kept z
             d_buf = top_kept.view(-1)
         else:
-            d = fast.delta(acts[top], grad_out, top_kept)  # type: ignore[arg-type]
+            d = fast.delta(acts[top], grad_out, top_kept)
         if release:
             kept[top] = None
         grad_x = None

@@ -175,3 +175,58 @@ def test_launcher_errors_name_the_argument() -> None:
         gated_up(x, w, w[:5], None, None, 7)
     with pytest.raises((ValueError, TypeError), match="z_u"):
         gated_delta(torch.randn(4, 6, device=DEVICE), torch.randn(4, 6, device=DEVICE), torch.randn(4, 5), 7)
+
+
+# ------------------------------------------------------------------- through the op, backend "triton"
+
+
+def _leaves(dtype: torch.dtype, bias: bool):
+    torch.manual_seed(11)
+    x = _matrix(2 * 9, 12, dtype, False).view(2, 9, 12).requires_grad_()
+    wg, wu = (_matrix(20, 12, dtype, False, 12**-0.5).requires_grad_() for _ in range(2))
+    wd = _matrix(7, 20, dtype, False, 20**-0.5).requires_grad_()
+    biases = [_matrix(1, n, dtype, False)[0].requires_grad_() for n in (20, 20, 7)] if bias else [None] * 3
+    return [x, wg, wu, wd, *biases]
+
+
+def _native_op(x, wg, wu, wd, bg, bu, bd, act="silu"):
+    return F.linear(get_activation(act).native()(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_gated_mlp_op_on_the_triton_backend(bias: bool, compiled: bool) -> None:
+    import manualbp as mbp
+    from manualbp import functional as MF
+
+    torch._dynamo.reset()
+    leaves = _leaves(torch.float32, bias)
+    present = [t for t in leaves if t is not None]
+    ref64 = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    want = _native_op(*ref64)
+    seed = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [t for t in ref64 if t is not None], seed)
+    fn = torch.compile(MF.gated_mlp, fullgraph=True) if compiled else MF.gated_mlp
+    with mbp.use_backend("triton"):
+        got = fn(*leaves)
+        got_grads = torch.autograd.grad(got, present, seed.float())
+    assert got.dtype == torch.float32 and rel_err(got, want) <= TOL[torch.float32]
+    for ours, ref in zip(got_grads, want_grads, strict=True):
+        assert rel_err(ours, ref) <= TOL[torch.float32]
+
+
+def test_triton_backend_records_in_export_and_refuses_float64() -> None:
+    import manualbp as mbp
+    from manualbp import functional as MF
+
+    layer = mbp.GatedMLP(6, 10, 4, bias=True)
+    x = torch.randn(3, 6)
+    with mbp.use_backend("triton"):
+        program = torch.export.export(layer, (x,))
+        nodes = [n for n in program.graph.nodes if str(n.target) == "manualbp.gated_mlp_forward.default"]
+        assert len(nodes) == 1 and "triton" in nodes[0].args
+        assert rel_err(program.module()(x), layer(x)) <= TOL[torch.float32]
+        x64 = torch.randn(3, 6, dtype=torch.float64)
+        w = [torch.randn(s, dtype=torch.float64) for s in ((10, 6), (10, 6), (4, 10))]
+        with pytest.raises(TypeError, match="backend 'triton'"):
+            MF.gated_mlp(x64, *w)

@@ -20,16 +20,23 @@ Backward keeps x (by reference: autograd holds it anyway), z_g and z_u — two h
 tensors; h and f(z_g) are recomputed from them. Native autograd keeps four (z_g for f′, f(z_g)
 and z_u for the product, h for W_d's gradient).
 
-Only torch ops run here, on any device (the reference backend's arithmetic: 16-bit storage is
-computed in float32 and rounded once). The autograd contract of the other ops holds: a backward
-run with grad mode on recomputes z_g and z_u from the saved inputs in differentiable torch ops
-(higher order), `jvp` is written out, the vmap rule is generated. While a graph is captured
-(`torch.compile`, `torch.export`) the entry point runs the custom ops
+The backend is chosen per call as for every op: the reference arithmetic below in torch ops (any
+device; 16-bit storage computed in float32 and rounded once), or the Triton backend
+(`manualbp.backends.triton.gated_mlp_*`: gate and up in one GEMM sharing the x tiles, δ_g and
+δ_u formed in one pass). The autograd contract of the other ops holds: a backward run with grad
+mode on recomputes z_g and z_u from the saved inputs in differentiable torch ops (higher order),
+`jvp` is written out, the vmap rule is generated (torch.func transforms run the reference).
+While a graph is captured (`torch.compile`, `torch.export`) the entry point runs the custom ops
 
     manualbp::gated_mlp_forward(x, gate_weight, up_weight, down_weight, gate_bias?, up_bias?,
-                                down_bias?, activation, negative_slope) -> (y, z_g, z_u)
+                                down_bias?, activation, negative_slope, backend="torch")
+        -> (y, z_g, z_u)
     manualbp::gated_mlp_backward(grad_out, x, gate_weight, up_weight, down_weight, z_g, z_u,
-                                 activation, negative_slope, needs) -> the seven gradients
+                                 activation, negative_slope, needs, backend="torch")
+        -> the seven gradients
+
+opaque ops running the backend named when the graph was traced ("torch" or "triton"; there is
+no `triton_op` variant yet, so Inductor does not see into the gated kernels)
 
 (rows in, rows out; a gradient not asked for is a (0,) placeholder), whose autograd formula is
 the backward op — the hand-written backward is what runs inside compiled graphs too.
@@ -37,6 +44,7 @@ the backward op — the hand-written backward is what runs inside compiled graph
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -44,10 +52,12 @@ from torch import Tensor
 
 from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation, get_activation
+from manualbp.backends import reference
 from manualbp.backends.reference import cast, up
 from manualbp.ops._common import (
     NS,
     autocast_to,
+    backend_module,
     check_same,
     check_tensor,
     no_autocast,
@@ -55,7 +65,7 @@ from manualbp.ops._common import (
     refuse_create_graph,
     rows,
 )
-from manualbp.ops.linear_act import tangent_z
+from manualbp.ops.linear_act import eager_backend, tangent_z, traced_backend_name
 
 __all__ = ["GatedMLPFunction", "gated_mlp", "gated_mlp_backward", "gated_mlp_forward", "gated_mlp_op"]
 
@@ -176,6 +186,18 @@ def gated_backward_math(
     return tuple(grads)
 
 
+def _forward_with(backend: ModuleType, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    if backend is reference:
+        return gated_forward_math(*args)
+    return backend.gated_mlp_forward(*args)
+
+
+def _backward_with(backend: ModuleType, *args: Any) -> tuple[Tensor | None, ...]:
+    if backend is reference:
+        return gated_backward_math(*args)
+    return backend.gated_mlp_backward(*args)
+
+
 # ------------------------------------------------------------------------------ eager Function
 
 
@@ -204,33 +226,35 @@ class GatedMLPFunction(PositionalFunction):
         up_bias: Tensor | None,
         down_bias: Tensor | None,
         act: Activation,
+        backend: ModuleType,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return gated_forward_math(
-            rows(x), gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, act
+        return _forward_with(
+            backend, rows(x), gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, act
         )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
-        x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, act = inputs
+        x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, act, backend = inputs
         _, z_g, z_u = output
         saved = (x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, z_g, z_u)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(z_g, z_u)
-        ctx.act = act
+        ctx.act, ctx.backend = act, backend
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_zg: Tensor, _grad_zu: Tensor) -> tuple:
         x, wg, wu, wd, bg, bu, bd, z_g, z_u = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:7])
         needs = needs[:4] + tuple(n and b is not None for n, b in zip(needs[4:], (bg, bu, bd)))
-        x_rows = rows(x)
+        x_rows, backend = rows(x), ctx.backend
         with no_autocast(x.device.type):
             if torch.is_grad_enabled():  # create_graph: z_g, z_u as functions of the inputs
+                backend = reference
                 z_g, z_u = _pre(x_rows, wg, bg), _pre(x_rows, wu, bu)
-            grads = gated_backward_math(grad_out, x_rows, wg, wu, wd, z_g, z_u, ctx.act, needs)
+            grads = _backward_with(backend, grad_out, x_rows, wg, wu, wd, z_g, z_u, ctx.act, needs)
         grad_x = grads[0].view(x.shape) if grads[0] is not None else None
-        return (grad_x, *grads[1:], None)
+        return (grad_x, *grads[1:], None, None)
 
     @staticmethod
     def jvp(
@@ -242,7 +266,7 @@ class GatedMLPFunction(PositionalFunction):
         bg_t: Tensor | None,
         bu_t: Tensor | None,
         bd_t: Tensor | None,
-        _act: Any,
+        *_: Any,
     ) -> tuple:
         x, wg, wu, wd, _bg, _bu, _bd, z_g, z_u = ctx.saved_tensors
         x_rows = rows(x)
@@ -289,8 +313,9 @@ def gated_mlp(
     args = (x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
     if torch.compiler.is_compiling():
         return gated_mlp_op(*args, act)
+    backend = eager_backend(x.device)
     with no_autocast(x.device.type):
-        y, _, _ = GatedMLPFunction.apply(*args, act)
+        y, _, _ = GatedMLPFunction.apply(*args, act, backend)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], down_weight.shape[0])
 
 
@@ -313,11 +338,14 @@ def gated_mlp_forward(
     down_bias: Tensor | None,
     activation: str,
     negative_slope: float,
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, z_g, z_u) for rows x (M, in)."""
+    """(y, z_g, z_u) for rows x (M, in), on the named backend."""
     act = _entry(activation, negative_slope)
+    module = backend_module(backend)
     with no_autocast(x.device.type):
-        return gated_forward_math(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, act)
+        args = (x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, act)
+        return _forward_with(module, *args)
 
 
 @torch.library.custom_op(f"{NS}::gated_mlp_backward", mutates_args=())
@@ -332,12 +360,14 @@ def gated_mlp_backward(
     activation: str,
     negative_slope: float,
     needs: list[bool],
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of (x, W_g, W_u, W_d, b_g, b_u, b_d); a (0,) placeholder where not needed."""
     act = _entry(activation, negative_slope)
+    module = backend_module(backend)
     with no_autocast(x.device.type):
-        grads = gated_backward_math(
-            grad_out, x, gate_weight, up_weight, down_weight, z_g, z_u, act, tuple(needs)
+        grads = _backward_with(
+            module, grad_out, x, gate_weight, up_weight, down_weight, z_g, z_u, act, tuple(needs)
         )
     return tuple(placeholder(x) if g is None else g for g in grads)  # type: ignore[return-value]
 
@@ -353,6 +383,7 @@ def _forward_fake(
     down_bias: Tensor | None,
     activation: str,
     negative_slope: float,
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor]:
     rows_, hidden = x.shape[0], gate_weight.shape[0]
     return (
@@ -374,6 +405,7 @@ def _backward_fake(
     activation: str,
     negative_slope: float,
     needs: list[bool],
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     hidden, n_out = gate_weight.shape[0], down_weight.shape[0]
     shapes = [tuple(x.shape), tuple(gate_weight.shape), tuple(up_weight.shape),
@@ -387,12 +419,13 @@ def _backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, wg, wu, wd, bg, bu, bd, activation, negative_slope = inputs
+    x, wg, wu, wd, bg, bu, bd, activation, negative_slope, *backend = inputs
     _, z_g, z_u = output
     ctx.save_for_backward(x, wg, wu, wd, z_g, z_u)
     ctx.mark_non_differentiable(z_g, z_u)
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.has_bias = (bg is not None, bu is not None, bd is not None)
+    ctx.backend_args, ctx.num_inputs = tuple(backend), len(inputs)
 
 
 def _backward(ctx: Any, grad_out: Tensor, _grad_zg: Tensor, _grad_zu: Tensor) -> tuple:
@@ -402,9 +435,9 @@ def _backward(ctx: Any, grad_out: Tensor, _grad_zg: Tensor, _grad_zu: Tensor) ->
         n and has for n, has in zip(ctx.needs_input_grad[4:7], ctx.has_bias)
     ]
     grads = gated_mlp_backward(
-        grad_out, x, wg, wu, wd, z_g, z_u, ctx.activation, ctx.negative_slope, needs
+        grad_out, x, wg, wu, wd, z_g, z_u, ctx.activation, ctx.negative_slope, needs, *ctx.backend_args
     )
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+    return (*(g if need else None for g, need in zip(grads, needs)), *[None] * (ctx.num_inputs - 7))
 
 
 gated_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -424,9 +457,12 @@ def gated_mlp_op(
 
     Arguments are already checked (and cast for autocast) by the caller.
     """
+    # "triton_op" (CUDA graphs that Inductor sees into) has no gated variant: the opaque op runs
+    # the Triton backend then.
+    name = "torch" if traced_backend_name(x.device) == "torch" else "triton"
     y, _, _ = gated_mlp_forward(
         rows(x), gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias,
-        act.name, act.negative_slope,
+        act.name, act.negative_slope, name,
     )  # fmt: skip
     return y.view(*x.shape[:-1], down_weight.shape[0])
 

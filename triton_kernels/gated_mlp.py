@@ -137,10 +137,31 @@ def gated_delta_kernel(
         tl.store(h_ptr + rm * stride_hm + cn * stride_hn, h, mask=mask)
 
 
-# Two accumulators per tile: the light forward tiles halved in N. Not yet compiled ahead of time
-# (manualbp/triton_kernels/aot.py does not list these kernels), nor run on a GPU.
-CONFIGS = [gemm_config(128, 64, 64, 8, 3), gemm_config(64, 64, 64, 4, 3)]
+# Two accumulators per tile, so half the tile area of the linear forward's lists. Every entry is
+# compiled ahead of time for sm_90 and sm_80 and checked not to spill (`aot_gated.py`,
+# tests/test_triton_aot_gated.py); none has run on a GPU yet, so none is tuned.
+CONFIGS = {
+    "16bit": [gemm_config(128, 64, 64, 8, 3), gemm_config(64, 64, 64, 4, 3)],
+    # sm_80: 64×64×64 with 4 warps and 3 stages spilled with silu + biases (ptxas settled on 128
+    # registers, 8 LDL/STL in fp16); 64-wide K steps in 2 stages, or 32-wide in 3, do not.
+    "16bit_sm80": [gemm_config(128, 64, 64, 8, 3), gemm_config(64, 64, 32, 4, 3)],
+    # float32 with IEEE precision runs the dot on FMA units, operand slices in registers.
+    "fp32": [gemm_config(32, 64, 32, 4, 3)],
+}
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+def configs_for(capability: tuple[int, int], dtype: torch.dtype) -> list[triton.Config]:
+    """The configurations a gated_up launch tries, first first (`capability` e.g. (9, 0))."""
+    if dtype == torch.float32:
+        return CONFIGS["fp32"]
+    return CONFIGS["16bit" if capability >= (9, 0) else "16bit_sm80"]
+
+
+def delta_gpu_config() -> triton.Config:
+    return triton.Config(dict(DELTA_GPU_BLOCK), num_warps=4, num_stages=1)
+
+
 DELTA_GPU_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 128}
 DELTA_INTERPRETER_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32}
 
@@ -204,7 +225,8 @@ def gated_up(
     if INTERPRET:
         _utils.traceable(gated_up_kernel)[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
     else:
-        _utils.launch_first_fitting(gated_up_kernel, grid, CONFIGS, *args, **flags)
+        configs = configs_for(_utils.device_capability(x.device), x.dtype)
+        _utils.launch_first_fitting(gated_up_kernel, grid, configs, *args, **flags)
     return h, z_g, z_u
 
 

@@ -216,6 +216,21 @@ def test_float32_and_bfloat16_storage() -> None:
     assert rel_err(out, ref16) <= TOL[torch.bfloat16]
 
 
+def test_autocast_computes_in_the_autocast_dtype() -> None:
+    torch.manual_seed(8)
+    layer = mbp.GatedMLP(8, 16, 4, bias=True)
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad(out.float().sum(), params)
+    assert all(g.dtype == torch.float32 for g in grads)
+    rounded = [t.detach().bfloat16().double().requires_grad_() for t in params]
+    x64, wg, bg, wu, bu, wd, bd = rounded  # parameters() order: weight, bias per projection
+    assert rel_err(out, native_gated(x64, wg, wu, wd, bg, bu, bd)) <= TOL[torch.bfloat16]
+
+
 # ------------------------------------------------------------------------------------ compile
 
 

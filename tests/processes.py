@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Finished", "kill_group", "run_bounded"]
+__all__ = ["Finished", "kill_group", "loopback_dist_env", "run_bounded"]
 
 
 class Finished(subprocess.CompletedProcess):
@@ -114,3 +114,17 @@ def run_bounded(
     done = Finished(command, proc.returncode, stdout, stderr)
     done.seconds = time.monotonic() - start
     return done
+
+
+def loopback_dist_env() -> dict[str, str]:
+    """This process's environment for a torch.distributed run on 127.0.0.1 (gloo, a free port),
+    without the rank variables of any launcher this process itself runs under."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    return env

@@ -278,6 +278,37 @@ def test_jacfwd_and_hessian_of_mlp_and_losses() -> None:
     assert rel_err(ours, ref) <= TOL[F64]
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_ad_dual_tensors_match_native(reduction: str) -> None:
+    """torch.autograd.forward_ad outside torch.func: the Functions' own jvp, every op."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b = _data(F64, 6, 3), _data(F64, 5, 3), _data(F64, 5)
+    y, t = _data(F64, 6, 5), torch.randint(0, 5, (6,))
+    t[1] = -100
+    mlp = mbp.MLP([3, 4, 5], activation="gelu", dtype=F64)
+    native_mlp = _native_mlp(mlp)
+    ops = [
+        (lambda x, w, b, y: linear_cross_entropy(x, w, b, t, reduction),
+         lambda x, w, b, y: F.cross_entropy(F.linear(x, w, b), t, reduction=reduction)),
+        (lambda x, w, b, y: linear_mse_loss(x, w, b, y, reduction),
+         lambda x, w, b, y: F.mse_loss(F.linear(x, w, b), y, reduction=reduction)),
+        (lambda x, w, b, y: cross_entropy(linear(x, w, b, "silu"), t, reduction),
+         lambda x, w, b, y: F.cross_entropy(F.silu(F.linear(x, w, b)), t, reduction=reduction)),
+        (lambda x, w, b, y: mse_loss(linear(x, w, b, "tanh"), y, reduction),
+         lambda x, w, b, y: F.mse_loss(torch.tanh(F.linear(x, w, b)), y, reduction=reduction)),
+        (lambda x, w, b, y: mlp(x), lambda x, w, b, y: native_mlp(x)),
+    ]  # fmt: skip
+    tangents = [torch.randn_like(v) for v in (x, w, b, y)]
+    for ours, native in ops:
+        results = []
+        for fn in (ours, native):
+            with fwAD.dual_level():
+                duals = [fwAD.make_dual(v, tv) for v, tv in zip((x, w, b, y), tangents, strict=True)]
+                results.append(fwAD.unpack_dual(fn(*duals)).tangent)
+        assert rel_err(results[0], results[1]) <= TOL[F64]
+
+
 # ------------------------------------------------------------------------------ in-place, hooks
 
 
@@ -343,6 +374,28 @@ def test_network_mode_honours_hooks_and_parametrizations(how: str) -> None:
         assert torch.allclose(ours, ref, rtol=1e-12, atol=0)
     if how == "backward_hook":
         assert calls == ["bw", "bw"]
+
+
+@pytest.mark.slow
+def test_fsdp2_per_layer_sharding_of_a_network_mode_mlp(tmp_path) -> None:
+    """fully_shard on every layer and the root (two gloo ranks on 127.0.0.1): every gathered
+    gradient equals the unsharded model's."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from tests.processes import loopback_dist_env, run_bounded
+
+    env = loopback_dist_env()
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "tests.fsdp_mlp", tmp_path]
+    done = run_bounded(command, cwd=root, env=env, idle_timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(record["errors"]) == 6
+        for name, error in record["errors"]:
+            assert error <= TOL[F64], (rank, name, error)
 
 
 def test_network_mode_without_hooks_stays_one_node() -> None:

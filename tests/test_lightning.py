@@ -499,21 +499,15 @@ def test_resumable_loader_resumes_a_shard_mid_epoch_bit_identically():
 @pytest.mark.slow
 def test_ddp_two_ranks_each_train_on_half_the_data(tmp_path):
     import json
-    import os
-    import socket
 
     from tests.ddp_fit import fit
-    from tests.processes import run_bounded
+    from tests.processes import loopback_dist_env, run_bounded
 
     single = fit(1)
     single_steps = single.global_step
     assert single_steps == len(single.train_dataloader) == math.ceil(1079 / 32)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    env = loopback_dist_env()
     root = Path(__file__).resolve().parents[1]
     done = run_bounded(
         [sys.executable, "-m", "tests.ddp_fit", "2", tmp_path], cwd=root, env=env, idle_timeout=600

@@ -2,26 +2,39 @@
 
 The test suite runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions, so the compilation runs in a subprocess with the variable removed:
-`python -m manualbp.triton_kernels.aot --arch 90 80 --set ci` compiles every kernel × dtype ×
-activation × flag variant (bias/no bias, epilogue, split, bias-only; the δ pass and the split
-reduction) for both architectures, with the configuration lists the launchers select on a device
-of that capability: on sm_90 every configuration of every list, on sm_80 the first of each list
-(`--set full`, run by hand, also compiles the other sm_80 configurations: ~30 compiles more
-than fit the CI budget of 6 minutes on 2 cores). Each cubin is inspected with the `cuobjdump` of
-the Triton wheel: no spills anywhere, HGMMA in every 16-bit GEMM on sm_90.
+`python -m manualbp.triton_kernels.aot --arch A --set ci` compiles every kernel × dtype ×
+activation × flag variant a launch can specialise (bias/no bias, epilogue, split, bias-only; the
+δ pass and the split reduction) with the configuration lists the launchers select on a device of
+that capability: on sm_90 every configuration of every list, on sm_80 the first of each list
+(`--set full`, run by hand, also compiles the other sm_80 configurations). Each variant is
+specialised as a launch specialises it (the launcher's own arguments through Triton's binder;
+`test_aot_equals_launch` checks the two agree) and its cubin, SASS and TTGIR are inspected: no
+spills anywhere, no shared-memory ring too small for its pipeline, and on sm_90 HGMMA in the main
+loop of every 16-bit GEMM, never serialised. Two negative controls show the checks can fail:
+a kernel built with the race of GPU_AUDIT.md finding A, and the relu register prologue compiled
+for sm_90 (finding C).
+
+Robust on a slow, shared machine: Triton's cache directory is fixed (MANUALBP_AOT_CACHE, default
+~/.cache/manualbp/triton-aot-<triton version>), so a rerun and the xdist workers (one test per
+arch) share compiled kernels; the subprocess prints one line per compiled variant and is killed,
+with its whole process group, only when no variant has finished for STALL_S seconds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 pytestmark = pytest.mark.aot
 
@@ -29,28 +42,81 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 GEMMS = ("forward", "grad_input", "grad_weight")
 ARCHS = (90, 80)
 DTYPES = ("fp32", "fp16", "bf16")
+STALL_S = 600  # no variant finished for this long: the compiler hangs (one takes ~1-20 s)
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _compile_ci_set() -> list[dict]:
+def cache_dir() -> str:
+    default = Path.home() / ".cache" / "manualbp" / f"triton-aot-{triton.__version__}"
+    return os.environ.get("MANUALBP_AOT_CACHE", str(default))
+
+
+def run_aot(args: list[str], python: str = sys.executable) -> tuple[int, str, str]:
+    """Run `python -m manualbp.triton_kernels.aot ARGS` (no interpreter, fixed cache) under a
+    progress watchdog; returns (returncode, stdout, stderr)."""
     if not CUOBJDUMP.exists():
-        pytest.skip(f"no cuobjdump in the triton wheel at {CUOBJDUMP}")
+        pytest.fail(f"no cuobjdump in the triton wheel at {CUOBJDUMP}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    cmd = [sys.executable, "-m", "manualbp.triton_kernels.aot", "--arch", *map(str, ARCHS),
-           "--set", "ci", "--json", "--jobs", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.stdout.strip(), f"aot printed nothing; stderr:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout)
+    env["TRITON_CACHE_DIR"] = cache_dir()
+    return run_watched([python, "-m", "manualbp.triton_kernels.aot", *args], env)
 
 
-def test_aot_compile_sm90_sm80():
-    """One test (the compilation runs once, not once per xdist worker): every variant compiles
-    without spills on both archs, the set is the full product, 16-bit GEMMs use tensor cores."""
-    records = _compile_ci_set()
+def run_watched(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run `cmd` in its own session; kill its process group if stderr is silent for STALL_S."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    out: list[str] = []
+    err: list[str] = []
+    last = [time.monotonic()]
+
+    def pump(stream, sink, beat):
+        for line in stream:
+            sink.append(line)
+            if beat:
+                last[0] = time.monotonic()
+
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, out, False), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, err, True), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        while proc.poll() is None:
+            if time.monotonic() - last[0] > STALL_S:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                pytest.fail(f"{cmd}: no progress for {STALL_S} s, process group killed; stderr:\n"
+                            + "".join(err)[-4000:])  # fmt: skip
+            time.sleep(1.0)
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C, pytest timeout): leave no orphans
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for t in threads:
+        t.join()
+    return proc.returncode, "".join(out), "".join(err)
+
+
+def _compile_ci_set(arch: int) -> list[dict]:
+    _, out, err = run_aot(["--arch", str(arch), "--set", "ci", "--json", "--jobs", "2", "--progress"])
+    assert out.strip(), f"aot printed nothing; stderr:\n{err[-4000:]}"
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aot_compile(arch):
+    """Every variant compiles without spills or short rings, the set is the full product, every
+    selectable config was compiled, 16-bit GEMMs use the tensor cores (unserialised on sm_90)."""
+    records = _compile_ci_set(arch)
     _check_no_problems(records)
-    _check_full_product(records)
-    _check_every_config_compiled(records)
-    _check_tensor_cores(records)
+    _check_full_product(records, arch)
+    _check_every_config_compiled(records, arch)
+    _check_tensor_cores(records, arch)
+    _check_launch_specialisation(records)
 
 
 def _check_no_problems(records):
@@ -64,9 +130,10 @@ def _check_no_problems(records):
     assert not problems, json.dumps(problems, indent=1)
 
 
-def _expected_product() -> set[tuple[str, int, str, str, str]]:
+def _expected_product(arch: int) -> set[tuple[str, int, str, str, str]]:
     """(kernel, arch, dtype, act, flags) of every variant a launch can specialise, written out
-    here independently of aot.variants."""
+    here independently of aot.variants. On sm_90 a 16-bit δ prologue is never launched: the
+    launchers form δ in the δ pass and launch the identity GEMM (test_triton_kernels.py checks)."""
     from manualbp.triton_kernels.activations import NAMES
 
     combos = {
@@ -80,22 +147,28 @@ def _expected_product() -> set[tuple[str, int, str, str, str]]:
         "delta": [(a, "-") for a in NAMES if a != "identity"],
         "split_reduce": [("-", "-")],
     }
+
+    def routed(kernel, dtype, act):
+        return arch == 90 and dtype != "fp32" and kernel in GEMMS[1:] and act != "identity"
+
     return {
         (kernel, arch, dtype, act, flags)
-        for arch in ARCHS
         for dtype in DTYPES
         for kernel, pairs in combos.items()
         for act, flags in pairs
+        if not routed(kernel, dtype, act)
     }
 
 
-def _check_full_product(records):
+def _check_full_product(records, arch):
     compiled = {(r["kernel"], r["arch"], r["dtype"], r["act"], r["flags"]) for r in records}
-    missing = _expected_product() - compiled
-    assert not missing, sorted(missing)
+    assert compiled == _expected_product(arch), (
+        sorted(_expected_product(arch) - compiled),
+        sorted(compiled - _expected_product(arch)),
+    )
 
 
-def _check_every_config_compiled(records):
+def _check_every_config_compiled(records, arch):
     """Every configuration a launcher can pick on sm_90 (each list its `config_flavour` selects
     for that capability), and the first of each list on sm_80, was compiled at least once for
     that kernel, arch and dtype."""
@@ -104,7 +177,7 @@ def _check_every_config_compiled(records):
     compiled = {(r["kernel"], r["arch"], r["dtype"], r["config"]) for r in records}
     selectable = {
         (kernel, arch, dtype, _config_name(cfg))
-        for kernel, arch, dtype, act, flags in _expected_product()
+        for kernel, arch, dtype, act, flags in _expected_product(arch)
         if kernel in GEMMS
         for cfg in configs_for(kernel, act, flags, arch, dtype)[: None if arch == 90 else 1]
     }
@@ -112,15 +185,131 @@ def _check_every_config_compiled(records):
     assert not missing, sorted(missing)
 
 
-def _check_tensor_cores(records):
+def _check_tensor_cores(records, arch):
     rows = [
         r for r in records
-        if r["arch"] == 90 and r["kernel"] in GEMMS and r["dtype"] != "fp32" and r["flags"] != "bias-only"
+        if r["kernel"] in GEMMS and r["dtype"] != "fp32" and r["flags"] != "bias-only"
     ]  # fmt: skip
-    assert rows and all(r["hgmma"] for r in rows)
-    # sm_80 has no wgmma: its 16-bit GEMMs use HMMA (mma.sync).
-    sm80 = [
-        r for r in records
-        if r["arch"] == 80 and r["kernel"] in GEMMS and r["dtype"] != "fp32" and r["flags"] != "bias-only"
-    ]  # fmt: skip
-    assert sm80 and all(r["mma"] and not r["hgmma"] for r in sm80)
+    assert rows
+    if arch == 80:  # no wgmma: 16-bit GEMMs use HMMA (mma.sync)
+        assert all(r["mma"] and not r["hgmma"] for r in rows)
+        return
+    for r in rows:
+        name = f"{r['kernel']} {r['dtype']} {r['act']} {r['flags']} {r['config']}"
+        assert r["hgmma"] and r["loop_hgmma"] >= 1, name
+        assert r["wgmma_serialized"] is False, name
+        # The pipelined operands are rings of shared memory the TTGIR check did see.
+        # Every ring feeds an async wgmma straight from shared memory (its views were traced).
+        assert len(r["rings"]) >= 2, name
+        for g in r["rings"]:
+            assert g["slots"] >= g["needed"] > g["ahead"] >= 2 and g["async_readers"] >= 1, (name, g)
+        assert r["loop_insts"] and r["loop_bars"] <= 3, name  # no per-step cross-warp reduction
+
+
+def _check_launch_specialisation(records):
+    """Facts of a real launch the old hand-written AOT signature got wrong (GPU_AUDIT.md D)."""
+    assert all(r["launch_specialized"] for r in records)
+    direct = [r for r in records if r["kernel"] == "grad_weight" and not r["flags"].startswith("split")]
+    assert direct and all(r["spec"]["stride_ws"] == "D" and r["spec"]["stride_bs"] == "D" for r in direct)
+    assert all(r["spec"]["stride_gn"] == "=1" for r in direct)
+    bias_only = [r for r in direct if r["flags"] == "bias-only"]
+    assert bias_only and all(r["spec"]["K"] == "=1" for r in bias_only)  # K_eff = 1 in the launch
+
+
+def test_aot_equals_launch():
+    """What the AOT build compiles is what a launch compiles: for every variant's first config,
+    the signature, constexprs and attributes through the capture agree with those that the
+    launcher's plain launch path hands to `JITFunction.run` (autotuning off)."""
+    from manualbp.triton_kernels.aot import variants
+
+    rc, out, err = run_aot(["--arch", *map(str, ARCHS), "--agree"])
+    assert out.strip(), err[-4000:]
+    result = json.loads(out)
+    assert result["mismatches"] == [] and rc == 0
+    assert result["compared"] == sum(1 for _, index in variants(ARCHS, "ci") if index == 0)
+
+
+@triton.jit
+def racy_kernel(g_ptr, x_ptr, out_ptr, sum_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The race of GPU_AUDIT.md finding A, on purpose (only compiled, never launched):
+    acc = Σ gᵀ x by wgmma and s = Σ g on the same load, whose second use keeps Triton from
+    giving the g ring its extra slot for the in-flight wgmma (2 slots at num_stages = 3)."""
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + offs_m
+        g = tl.load(g_ptr + rows[:, None] * BLOCK_N + offs_n[None, :])
+        x = tl.load(x_ptr + rows[:, None] * BLOCK_N + offs_n[None, :])
+        total += tl.sum(g.to(tl.float32), axis=0)
+        acc = tl.dot(tl.trans(g), x, acc)
+    tl.store(out_ptr + offs_n[:, None] * BLOCK_N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty))
+    tl.store(sum_ptr + offs_n, total)
+
+
+RACY = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from manualbp.triton_kernels import aot
+from tests.test_triton_aot import racy_kernel
+sig = {"g_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "sum_ptr": "*fp32", "M": "i32",
+       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+src = ASTSource(racy_kernel, sig, {(5,): 64, (6,): 128}, {(i,): [["tt.divisibility", 16]] for i in range(5)})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+rings = aot.ring_report(k.asm["ttgir"])
+print(json.dumps({"rings": rings, "problems": aot.ring_problems(rings)}), file=sys.stderr)
+"""
+
+
+def test_ring_check_catches_the_race():
+    """The TTGIR ring check flags the race of finding A on a kernel built to have it (a load
+    with a dot and a second use): the g ring has 2 slots where 3 are needed; x is fine."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["TRITON_CACHE_DIR"] = cache_dir()
+    rc, _, err = run_watched([sys.executable, "-c", RACY], env)
+    assert rc == 0, err[-4000:]
+    result = json.loads(err.strip().splitlines()[-1])
+    rings = {r["ring"].lstrip("%").split("_")[0]: r for r in result["rings"]}
+    assert rings["g"]["slots"] == 2 and rings["g"]["needed"] == 3
+    assert rings["x"]["slots"] == 3 and rings["x"]["needed"] == 3
+    assert len(result["problems"]) == 1 and "2 slots, 3 needed" in result["problems"][0]
+
+
+SERIALISED = """
+import json, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from manualbp.triton_kernels import _utils, aot
+v = aot.Variant("grad_input", 80, "bf16", "relu", "-", "", True)
+launch = aot.captured_launch(v)  # on sm_80 the relu prologue is launched (not routed)
+kwargs = {**launch.kwargs, **_utils.launch_kwargs(launch.configs[0])}
+with aot.launched_on(90) as seen:
+    launch.kernel[launch.grid](*launch.args, **kwargs)
+((_, spec),) = seen
+src = ASTSource(launch.kernel, spec["signature"], spec["constants"], spec["configs"][0])
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(k.asm["cubin"])
+    f.flush()
+    sass = aot._run([aot._cuobjdump(), "-sass", f.name]).stdout
+print(json.dumps(aot.sass_main_loop(sass)), file=sys.stderr)
+"""
+
+
+def test_serialisation_check_catches_a_register_prologue():
+    """The `wgmma_serialized` check flags what GPU_AUDIT.md finding C found: the relu prologue of
+    grad_input (δ formed in registers, a register-A wgmma) compiled for sm_90 has a wait to 0
+    after its HGMMAs in the main loop. The launchers never compile it for sm_90 (δ pass)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["TRITON_CACHE_DIR"] = cache_dir()
+    rc, _, err = run_watched([sys.executable, "-c", SERIALISED], env)
+    assert rc == 0, err[-4000:]
+    loop = json.loads(err.strip().splitlines()[-1])
+    assert loop["loop_hgmma"] >= 1 and loop["wgmma_serialized"] is True

@@ -184,9 +184,11 @@ def test_split_heuristic(monkeypatch: pytest.MonkeyPatch):
     gpu = torch.device("cuda")
     # Too few rows to split, or already enough output tiles: no split.
     assert choose_split(130, 33, 64, torch.device("cpu")) == 1
-    # With 132 SMs: 64 tiles of 128 × 128 → 3 ranges; capped by rows / 2048.
+    # With 132 SMs: 64 tiles of 128 × 128 → 2 ranges (128 programs fill 97 % of a wave, 3 would
+    # fill 73 % of two); 16 tiles → 8 ranges (128 programs); capped by rows / 2048.
     monkeypatch.setattr(_utils, "num_sms", lambda device: 132)
-    assert choose_split(65536, 1024, 1024, gpu) == 3
+    assert choose_split(65536, 1024, 1024, gpu) == 2
+    assert choose_split(65536, 512, 512, gpu) == 8
     assert choose_split(4096, 256, 256, gpu) == 2
     assert choose_split(65536, 4096, 4096, gpu) == 1
 
@@ -347,3 +349,48 @@ def test_is_available():
     assert backend.is_available(DEVICE) == (True, "")
     ok, reason = backend.is_available("meta")
     assert not ok and "meta" in reason
+
+
+def _kernels_launched(capability, fn, *args, **kwargs) -> list[tuple[str, int | None]]:
+    """(kernel name, ACT) of each launch `fn(*args)` makes as on a device of `capability`."""
+    with _utils.captured_launches(capability) as launches:
+        fn(*args, **kwargs)
+    return [(launch.kernel.__name__, launch.kwargs.get("ACT")) for launch in launches]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_16bit_prologue_goes_through_the_delta_pass(dtype):
+    """On sm_90 a 16-bit δ prologue would serialise the wgmma: the launchers run the δ pass and
+    the plain GEMM (ACT = identity) instead; sm_80 and float32 keep the prologue."""
+    M, N, K = 130, 33, 64
+    relu = NAMES.index("relu")
+    g, saved = _matrix(M, N, dtype, False), _matrix(M, N, dtype, False)
+    x, w = _matrix(M, K, dtype, False), _matrix(N, K, dtype, False)
+    routed = dtype != torch.float32
+    for fn, args, name in (
+        (linear_grad_input, (g, w, saved, relu), "grad_input_kernel"),
+        (linear_grad_weight, (g, x, saved, relu), "grad_weight_kernel"),
+    ):
+        on_sm90 = _kernels_launched((9, 0), fn, *args)
+        assert on_sm90 == ([("delta_kernel", relu), (name, 0)] if routed else [(name, relu)])
+        assert _kernels_launched((8, 0), fn, *args) == [(name, relu)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("name", ["relu", "tanh"])
+def test_routed_prologue_parity(monkeypatch: pytest.MonkeyPatch, name, dtype):
+    """The routed path (δ pass + plain GEMMs, as on sm_90) computes the same gradients."""
+    monkeypatch.setattr(_utils, "gemm_capability", lambda device: (9, 0))
+    M, N, K = 130, 33, 64
+    act = _act(name)
+    x = _matrix(M, K, dtype, True)
+    w = _matrix(N, K, dtype, False, scale=K**-0.5)
+    b = _matrix(1, N, dtype, False)[0]
+    g = _matrix(M, N, dtype, False)
+    _, saved = backend.linear_forward(x, w, b, act)
+    _, _, gx_ref, gw_ref, gb_ref = _native(x, w, b, act, g)
+    gi = linear_grad_input(g, w, saved, act.kernel_id, act.negative_slope)
+    gw, gb = linear_grad_weight(g, x, saved, act.kernel_id, act.negative_slope)
+    assert rel_err(gi, gx_ref) <= TOL[dtype]
+    assert rel_err(gw, gw_ref) <= TOL[dtype]
+    assert rel_err(gb, gb_ref) <= TOL[dtype]

@@ -7,6 +7,7 @@ argument fails in Python with a message naming it, never inside a kernel.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -83,6 +84,55 @@ def recorded_launches() -> Iterator[None]:
         _RECORDING.on = previous
 
 
+@dataclasses.dataclass
+class Launch:
+    """One launch recorded by `captured_launches`: the kernel, its grid and arguments exactly as
+    the launcher passes them, and (for the GEMMs) the configuration list it would pick from."""
+
+    kernel: object
+    grid: object
+    args: tuple
+    kwargs: dict
+    configs: list | None = None  # a GEMM's config list for the captured capability
+
+
+_CAPTURE = threading.local()
+
+
+@contextlib.contextmanager
+def captured_launches(capability: tuple[int, int]) -> Iterator[list[Launch]]:
+    """Inside, launches are recorded (appended to the yielded list) instead of run, as on a
+    device of `capability`, and CPU tensors are accepted as stand-ins for CUDA ones.
+
+    The ahead-of-time build (`aot.py`) calls the real launchers in it, so what it compiles is
+    specialised on the launchers' own arguments (Triton's binder then decides divisibility and
+    1-strides exactly as at a launch); the tests use it to see which kernels a call launches.
+    Nothing is run and no tensor data is read.
+    """
+    previous = getattr(_CAPTURE, "state", None)
+    launches: list[Launch] = []
+    _CAPTURE.state = (tuple(capability), launches)
+    try:
+        yield launches
+    finally:
+        _CAPTURE.state = previous
+
+
+def _capturing() -> tuple[tuple[int, int], list[Launch]] | None:
+    return getattr(_CAPTURE, "state", None)
+
+
+class _Recorder:
+    def __init__(self, kernel, launches: list[Launch]):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launches.append(Launch(self.kernel, grid, args, kwargs))
+
+        return record
+
+
 def traceable(kernel):
     """`kernel`, or inside `recorded_launches` what `torch.library.wrap_triton` hands back for it.
 
@@ -92,6 +142,9 @@ def traceable(kernel):
     tensor data on the host: what they decide (configs, splits, placeholders) depends on shapes,
     strides, dtypes and the device only.
     """
+    capture = _capturing()
+    if capture is not None:
+        return _Recorder(kernel, capture[1])
     if getattr(_RECORDING, "on", False):
         return torch.library.wrap_triton(kernel)
     return kernel
@@ -129,6 +182,10 @@ def launch_gemm(
     """Launch one of the GEMM kernels: `interpreter_config` under the interpreter; on a GPU the
     config list `flavour(capability)` names, autotuned (`autotuned[name]`) or, with autotuning
     off, its first configuration that fits."""
+    capture = _capturing()
+    if capture is not None:
+        capture[1].append(Launch(kernel, grid, args, dict(flags), configs[flavour(capture[0])]))
+        return
     if INTERPRET:
         traceable(kernel)[grid](*args, **flags, **interpreter_config.kwargs)
         return
@@ -142,6 +199,30 @@ def launch_gemm(
 def device_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device: selects the config lists."""
     return torch.cuda.get_device_capability(device)
+
+
+def gemm_capability(device: torch.device) -> tuple[int, int] | None:
+    """The capability the GEMMs are compiled for: the captured one inside `captured_launches`,
+    the device's for a CUDA tensor, None under the interpreter (CPU tensors)."""
+    capture = _capturing()
+    if capture is not None:
+        return capture[0]
+    if device.type != "cuda":
+        return None
+    return device_capability(device)
+
+
+def prologue_serializes(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where δ formed in registers before the dot would serialise the tensor cores.
+
+    On sm_90 a 16-bit dot whose A operand comes from registers (δ = grad_out ⊙ f′(saved) formed
+    in the prologue) compiles to register-sourced wgmma that ptxas serialises (warning C7515:
+    a wait to 0 after every HGMMA), which the AOT checks see as `wgmma_serialized`. The
+    launchers then form δ in the δ pass and run the plain GEMM on it (GPU_AUDIT.md finding C).
+    sm_80 (mma.sync takes registers anyway), float32 and the interpreter keep the prologue.
+    """
+    capability = gemm_capability(device)
+    return capability is not None and capability >= (9, 0) and dtype in (torch.float16, torch.bfloat16)
 
 
 def gemm_config(
@@ -193,7 +274,7 @@ def check_device(name: str, t: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors when the interpreter is active."""
     if t.device.type == "cuda":
         return
-    if t.device.type == "cpu" and INTERPRET:
+    if t.device.type == "cpu" and (INTERPRET or _capturing() is not None):
         return
     expected = "a CUDA tensor" + (" or a CPU tensor" if INTERPRET else "")
     hint = "" if INTERPRET else " (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)"

@@ -33,7 +33,8 @@ from ._utils import (
     needs_upcast,
     upcast,
 )
-from .activations import IDENTITY, act_grad, check_act_id, delta_tile
+from .activations import IDENTITY, act_grad, check_act_id, delta_tile, uses_output
+from .delta import linear_delta
 from .linear_forward import grouped_tile
 
 
@@ -108,7 +109,8 @@ def grad_input_kernel(
 # 32 columns of δ per step; a mish epilogue in fp32 (FMA dot, operands in registers) spilled
 # with 128×64 output tiles, so the epilogue uses 64×64 tiles with 8 warps.
 #   "plain":    the operand is δ itself (ACT = identity, PREV_ACT = identity)
-#   "prologue": δ = grad_out ⊙ f′(saved) formed from the loaded tiles
+#   (no sm_90 16-bit prologue list: there the launcher forms δ in the δ pass, since a prologue
+#    serialises the wgmma; `_utils.prologue_serializes`)
 #   "epilogue": the result multiplied by f′_prev(prev_saved)
 #   "prologue_sm80": the prologue on sm_80 (16-bit), where 64-row δ tiles with mish spilled
 #            with 4 and 8 warps alike (ptxas kept them at 64-96 registers); 128 × 32 × 64 with
@@ -122,8 +124,19 @@ CONFIGS = {
         gemm_config(64, 64, 128, 4, 4),
         gemm_config(64, 64, 64, 4, 4),
     ],
-    "prologue": [
-        gemm_config(128, 32, 64, 8, 3),
+    # float32 plain on sm_90: 128 × 64 × 128 w8 s3 spills under Triton 3.6.
+    "fp32_plain": [
+        gemm_config(64, 64, 128, 4, 4),
+        gemm_config(64, 64, 64, 4, 4),
+    ],
+    # sm_90, 16-bit, f′_prev read from the output (relu, leaky_relu, sigmoid, tanh: a select or
+    # one or two FMAs): 128 × 64 output tiles (64 × 64 × 64 is issue-bound, 117 instructions per
+    # step for 128 tensor clocks; modelled 0.45 → 0.72 of cuBLAS at N = K = 1024). Not the plain
+    # 128 × 64 × 128: with relu Triton 3.6 serialises its wgmma (3.9 does not). With f′_prev of
+    # z (gelu and mish spilled at 128 × 64 × 128) the smaller tiles only.
+    "epilogue_light": [
+        gemm_config(128, 64, 64, 8, 3),
+        gemm_config(64, 64, 64, 8, 3),
         gemm_config(64, 32, 64, 4, 3),
     ],
     "epilogue": [
@@ -153,12 +166,14 @@ def config_flavour(
     if dtype == torch.float32 and capability < (9, 0):
         return "fp32_sm80"
     if act_id == 0 and prev_act_id == 0:
-        return "plain"
+        return "fp32_plain" if dtype == torch.float32 else "plain"
     if dtype == torch.float32:
         return "fp32_fused"
     if prev_act_id != 0:
-        return "epilogue"
-    return "prologue" if capability >= (9, 0) else "prologue_sm80"
+        return "epilogue_light" if capability >= (9, 0) and uses_output(prev_act_id) else "epilogue"
+    if capability >= (9, 0):
+        raise ValueError("a 16-bit sm_90 prologue is routed through the δ pass (prologue_serializes)")
+    return "prologue_sm80"
 
 
 # One autotuner per flavour over the same kernel (no kernel copies).
@@ -205,6 +220,10 @@ def linear_grad_input(
                 f"prev_saved: got None, expected an (M, K) = {(M, K)} tensor for prev_act_id={prev_act_id}"
             )
         check_tensor("prev_saved", prev_saved, (M, K), dtype, device)
+    if act_id != 0 and _utils.prologue_serializes(device, dtype):
+        # sm_90, 16-bit: a prologue would serialise the wgmma; δ pass, then the plain GEMM.
+        grad_out = linear_delta(grad_out, saved, act_id, negative_slope)
+        act_id, saved = 0, None
     out = (alloc or _utils.empty)((M, K), dtype, device)
     check_tensor("alloc(...) result", out, (M, K), dtype, device)
     if M == 0 or K == 0:

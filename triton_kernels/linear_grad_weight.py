@@ -4,9 +4,20 @@
                                      (ACT = identity: grad_out is δ and saved is not read)
     x        (M, K)                  the layer input (any strides)
     grad_weight (N, K) = δᵀ x        reduction over the M rows
-    grad_bias   (N,)   = Σ_m δ       fused: the programs of the first K-tile column also sum
-                                     their δ tiles over rows (BLOCK_M·BLOCK_N adds per
-                                     BLOCK_M·BLOCK_N·BLOCK_K multiply-adds of the dot)
+    grad_bias   (N,)   = Σ_m δ       fused into the same launch by ⌈N/BLOCK_N⌉ extra programs
+                                     (the first ones of the grid, so they run in the first wave,
+                                     beside the GEMM tiles): each adds its δ column tiles
+                                     elementwise into a (BLOCK_M, BLOCK_N) fp32 register
+                                     accumulator and reduces its rows once, after the loop
+
+The bias sum is not computed in the GEMM's loop. There it was a second use of the δ load, and
+Triton gives a load that feeds an async wgmma its extra shared-memory slot (the wgmma of step i
+is still in flight when the copy of step i + stages - 1 is issued) only when the dot is its
+single use: the δ ring had `stages - 1` slots and the copy overwrote the tile the in-flight
+wgmma read (a data race, GPU_AUDIT.md finding A), and the sum reduced across warps every step
+(finding B). Kept out of the loop, the GEMM tiles run the plain pipelined loop; a bias program
+reads M·BLOCK_N elements of δ, memory-bound, once (not once per K-tile column). The ring sizes
+are checked on the compiled TTGIR of every variant (`aot.ring_report`).
 
 Split-K (the GEMM's reduction dimension is M here). When M ≫ N·K / tile², the (N, K) output has
 too few tiles to occupy every SM, while each tile loops over all M rows. The launcher then
@@ -37,6 +48,7 @@ from ._utils import (
     upcast,
 )
 from .activations import IDENTITY, check_act_id, delta_tile
+from .delta import linear_delta
 from .linear_forward import grouped_tile
 
 
@@ -58,41 +70,46 @@ def grad_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):  # fmt: skip
-    # Output tile (pid_n, pid_k) of the (N, K) result; grid axis 1 is the split of M.
-    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    # Grid axis 0: first ⌈N/BLOCK_N⌉ bias programs (HAS_BIAS), then the ⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉
+    # output tiles of the (N, K) weight gradient (HAS_WEIGHT); axis 1 is the split of M.
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_bias = num_n if HAS_BIAS else 0
+    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
     # This program's rows: [m_start, m_end); rows_per_split is a multiple of BLOCK_M.
     m_start = pid_s.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        m = m0 + offs_m
-        mask_m = m < m_end
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        g = tl.load(
-            grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-            mask=mask_mn,
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_N)
-        if ACT != IDENTITY:
-            s = tl.load(
-                saved_ptr + m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
-                mask=mask_mn,
-                other=0.0,
-            )
-            delta = downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
-        else:
-            delta = g
-        if HAS_BIAS:
-            bias_acc += tl.sum(upcast(delta, UPCAST).to(tl.float32), axis=0)
-        if HAS_WEIGHT:
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    if pid < num_bias:
+        # grad_bias[n-tile] = Σ_m δ: δ tiles added elementwise into a 2-D fp32 accumulator (no
+        # cross-thread work in the loop), its rows reduced once after it.
+        offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = offs_n < N
+        bias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            m = m0 + offs_m
+            delta = _delta_tile(
+                grad_ptr, saved_ptr, m, offs_n, m < m_end, mask_n,
+                stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, ACT, UPCAST,
+            )  # fmt: skip
+            bias_acc += upcast(delta, UPCAST).to(tl.float32)
+        gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
+        tl.store(gb_ptrs, downcast(tl.sum(bias_acc, axis=0), gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+    elif HAS_WEIGHT:
+        # Output tile (pid_n, pid_k) of the (N, K) weight gradient: δᵀ x over this program's rows.
+        pid_n, pid_k = grouped_tile(pid - num_bias, num_n, tl.cdiv(K, BLOCK_K), GROUP_N)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_n = offs_n < N
+        mask_k = offs_k < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            m = m0 + offs_m
+            mask_m = m < m_end
+            delta = _delta_tile(
+                grad_ptr, saved_ptr, m, offs_n, mask_m, mask_n,
+                stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, ACT, UPCAST,
+            )  # fmt: skip
             x = tl.load(
                 x_ptr + m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :],
@@ -104,17 +121,27 @@ def grad_weight_kernel(
                 acc,
                 input_precision=INPUT_PRECISION,
             )
-
-    if HAS_WEIGHT:
         gw_ptrs = gw_ptr + pid_s.to(tl.int64) * stride_ws
         gw_ptrs += offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         mask = mask_n[:, None] & mask_k[None, :]
         tl.store(gw_ptrs, downcast(acc, gw_ptr.dtype.element_ty, UPCAST), mask=mask)
-    if HAS_BIAS:
-        # Every K-tile column summed the same δ; the first one stores it.
-        if pid_k == 0:
-            gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
-            tl.store(gb_ptrs, downcast(bias_acc, gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+
+
+@triton.jit
+def _delta_tile(
+    grad_ptr, saved_ptr, m, offs_n, mask_m, mask_n,
+    stride_gm, stride_gn, stride_sm, stride_sn, negative_slope,
+    ACT: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The (rows m, columns offs_n) tile of δ = grad_out ⊙ f′(saved), in the storage dtype
+    (ACT = identity: grad_out itself, `saved` not read); zero outside the masks."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    g = tl.load(grad_ptr + m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    if ACT != IDENTITY:
+        s = tl.load(saved_ptr + m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+        return downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
+    else:
+        return g
 
 
 @triton.jit
@@ -163,10 +190,6 @@ CONFIGS = {
         gemm_config(64, 128, 64, 8, 3, "GROUP_N"),
         gemm_config(64, 64, 64, 4, 4, "GROUP_N"),
     ],
-    "prologue": [
-        gemm_config(32, 128, 64, 8, 4, "GROUP_N"),
-        gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
-    ],
     "prologue_sm80": [
         gemm_config(32, 64, 128, 8, 4, "GROUP_N"),
     ],
@@ -186,7 +209,9 @@ def config_flavour(act_id: int, capability: tuple[int, int], dtype: torch.dtype)
     if dtype == torch.float32 and (act_id != 0 or not hopper):
         return "fp32_fused"
     if act_id != 0:
-        return "prologue" if hopper else "prologue_sm80"
+        if hopper:
+            raise ValueError("a 16-bit sm_90 prologue is routed through the δ pass (prologue_serializes)")
+        return "prologue_sm80"
     return "plain" if hopper else "plain_sm80"
 
 
@@ -202,20 +227,27 @@ MAX_SPLIT = 32
 
 
 def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
-    """How many ranges of M rows to reduce in parallel.
+    """How many ranges of M rows to reduce in parallel (wave-aware).
 
     The (N, K) output has ⌈N/128⌉·⌈K/128⌉ tiles. When that is below one wave of programs
-    (one per SM), split M so that tiles × split ≈ SMs, but keep every range ≥ 2048 rows: a
-    split costs 2 × split × N·K × 4 bytes of partials (write + reduce read) against
-    (M·N + M·K) × elem bytes of operands, so short ranges are not worth it. Example: M = 65536,
-    N = K = 1024 on a 132-SM H200 → 64 tiles → split 3 (3 × 64 = 192 programs, ~21k rows each).
+    (one per SM), M is split into the number of ranges whose programs fill the waves best:
+    the highest tiles·split / (SMs·⌈tiles·split / SMs⌉), the fewest ranges among equals, every
+    range ≥ 2048 rows (a split costs 2 × split × N·K × 4 bytes of partials, write + reduce read,
+    against (M·N + M·K) × elem bytes of operands, so short ranges are not worth it). Example:
+    M = 65536, N = K = 1024 on a 132-SM H200 → 64 tiles → split 2 (128 programs, 97 % of one
+    wave; ⌈132/64⌉ = 3 would give 192 programs: 73 % of two waves).
     """
     tiles = triton.cdiv(N, NOMINAL_TILE) * triton.cdiv(K, NOMINAL_TILE)
     sms = _utils.num_sms(device)
-    if tiles >= sms:
+    most = min(M // MIN_ROWS_PER_SPLIT, MAX_SPLIT)
+    if tiles >= sms or most <= 1:
         return 1
-    split = min(triton.cdiv(sms, tiles), M // MIN_ROWS_PER_SPLIT, MAX_SPLIT)
-    return max(split, 1)
+
+    def wave_efficiency(split: int) -> float:
+        programs = tiles * split
+        return programs / (sms * triton.cdiv(programs, sms))
+
+    return max(range(1, most + 1), key=lambda split: (round(wave_efficiency(split), 2), -split))
 
 
 def linear_grad_weight(
@@ -250,6 +282,10 @@ def linear_grad_weight(
         check_tensor("saved", saved, (M, N), dtype, device)
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"split_k: got {split_k!r}, expected None or an int >= 1")
+    if act_id != 0 and _utils.prologue_serializes(device, dtype):
+        # sm_90, 16-bit: a prologue would serialise the wgmma; δ pass, then the plain GEMM.
+        grad_out = linear_delta(grad_out, saved, act_id, negative_slope)
+        act_id, saved = 0, None
     alloc = alloc or _utils.empty
     gw = alloc((N, K), dtype, device) if need_weight else None
     gb = alloc((N,), dtype, device) if need_bias else None
@@ -310,7 +346,9 @@ def linear_grad_weight(
     )
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K_eff, meta["BLOCK_K"]), split)
+        tiles_n = triton.cdiv(N, meta["BLOCK_N"])
+        weight_tiles = tiles_n * triton.cdiv(K, meta["BLOCK_K"]) if need_weight else 0
+        return ((tiles_n if need_bias else 0) + weight_tiles, split)
 
     _utils.launch_gemm(
         grad_weight_kernel, grid, args, flags,

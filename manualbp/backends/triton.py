@@ -13,7 +13,11 @@ or f′ needs the pre-activation z (gelu, gelu_tanh, silu, mish, softplus: erf/e
 element); both GEMMs then read δ as a plain operand. Only for the cheap output-derived f′
 (relu, leaky_relu, sigmoid, tanh: a select or one or two multiply-adds) with a single consumer
 GEMM (e.g. the first layer, whose input needs no gradient) is δ formed in that GEMM's prologue,
-which saves writing and re-reading an (M, N) buffer. Identity needs no δ at all. The reasoning,
+which saves writing and re-reading an (M, N) buffer — except on sm_90 with 16-bit operands,
+where the launchers themselves run the δ pass and the plain GEMM instead, because δ formed in
+registers before the dot makes ptxas serialise every wgmma (`_utils.prologue_serializes`,
+GPU_AUDIT.md finding C; the AOT checks report it as `wgmma_serialized`). Identity needs no δ at
+all. The reasoning,
 for a Hopper-class GPU (H100/H200, bf16, M = 8192, N = K = 4096):
 
 1. Recomputation. A prologue recomputes δ for every output tile that reads the δ tile:
@@ -35,7 +39,8 @@ for a Hopper-class GPU (H100/H200, bf16, M = 8192, N = K = 4096):
    activation (the launchers accept any id, and a whole-network backward forms δ⁽ˡ⁻¹⁾ in the
    epilogue of the layer above's input-gradient GEMM, the same device function).
 
-The bias gradient Σ δ is fused into the weight-gradient kernel (it loads every δ tile anyway).
+The bias gradient Σ δ is fused into the weight-gradient launch (its first ⌈N/BLOCK_N⌉ programs
+sum δ columns; the GEMM tiles' loop stays the plain pipelined one).
 This choice is argued, not measured: no GPU was available when it was written. The benchmark
 `experiments/bench_triton_layer.py` times the backward and is where to check it.
 

@@ -160,7 +160,6 @@ def or_placeholder(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-
 def save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                reduction: str, grads: list[Tensor]) -> None:
     """What both heads keep: the chunked gradients for mean/sum (backward only scales them), and
@@ -170,6 +169,7 @@ def save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: 
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     kept = grads if reduction != "none" else []
     ctx.save_for_backward(*kept, x, weight, bias, target)
+    ctx.save_for_forward(x, weight, bias, target)  # jvp
     ctx.n_grads = len(kept)
 
 
@@ -216,7 +216,6 @@ def logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """y = x Wᵀ + b for all rows at once, in the compute dtype (differentiable)."""
     y = up(x) @ up(weight).t()
     return y if bias is None else y + up(bias)
-
 
 
 # ------------------------------------------------------------------------------ for the custom ops
@@ -284,7 +283,6 @@ def op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tup
     return only_wanted(grads, wanted)
 
 
-
 # ------------------------------------------------------------------------------ arguments
 
 
@@ -320,7 +318,6 @@ def requested(*tensors: Tensor | None) -> tuple[bool, ...]:
 def check_head(x: Tensor, weight: Tensor, bias: Tensor | None, reduction: str) -> None:
     check_reduction(reduction)
     check_linear_args(x, weight, bias)
-
 
 
 def traced_backend(device: torch.device) -> str:

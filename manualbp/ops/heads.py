@@ -95,7 +95,7 @@ from manualbp.ops.chunked import (
     split_saved,
     traced_backend,
 )
-from manualbp.ops.linear_act import linear
+from manualbp.ops.linear_act import linear, tangent_z
 
 # The squared-error head is its own family; the heads' namespace offers both.
 from manualbp.ops.linear_mse import (
@@ -172,7 +172,6 @@ def _ce_head(
     return head
 
 
-
 class LinearCrossEntropyFunction(PositionalFunction):
     """C = reduce_i [logsumexp(x_i Wᵀ + b) − (x_i Wᵀ + b)[t_i]], gradients precomputed per chunk.
 
@@ -221,6 +220,19 @@ class LinearCrossEntropyFunction(PositionalFunction):
         save_head(ctx, x, weight, bias, target, reduction, grads)
         ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
         ctx.needs, ctx.backend = needs, backend
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, *_: Any) -> tuple:
+        """Forward mode: ℓ̇_i = Σ_c softmax(z_i)_c ż_ic − ż_i[t_i], for all rows at once."""
+        x, weight, bias, target = ctx.saved_tensors
+        z, z_t = logits(x, weight, bias), tangent_z(x, weight, x_t, weight_t, bias_t)
+        valid = target != ctx.ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
+        losses_t = (torch.softmax(z, dim=1) * z_t).sum(1) - z_t.gather(1, safe_target).squeeze(1)
+        losses_t = torch.where(valid, losses_t, torch.zeros_like(losses_t))
+        if ctx.reduction != "none":
+            losses_t = losses_t.sum() / (valid.sum() if ctx.reduction == "mean" else 1)
+        return losses_t, None, None, None
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor) -> tuple:
@@ -377,7 +389,6 @@ linear_cross_entropy_forward.register_autograd(
 )
 
 
-
 # ------------------------------------------------------------------------------ entry point
 
 
@@ -407,7 +418,6 @@ def _check_class_target(target: Any, x: Tensor, ignore_index: int) -> Tensor:
             "expected all tensors on the same device"
         )
     return target
-
 
 
 def linear_cross_entropy(

@@ -86,6 +86,7 @@ IDENTITY = get_activation("identity")
 
 # ------------------------------------------------------------------------------ eager Function
 
+
 class LinearActFunction(PositionalFunction):
     """a = f(x Wᵀ + b) forward; δ = ∂C/∂a ⊙ f′, δᵀx, Σδ and δW backward.
 
@@ -248,8 +249,8 @@ def traced_backend_name(device: torch.device) -> str:
 backend_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-
 # ------------------------------------------------------------------------------ op bodies
+
 
 def _linear_forward_with(
     backend: ModuleType, x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation

@@ -45,7 +45,7 @@ from manualbp.ops.chunked import (
     split_saved,
     traced_backend,
 )
-from manualbp.ops.linear_act import linear
+from manualbp.ops.linear_act import linear, tangent_z
 from manualbp.ops.losses import mse_loss
 
 __all__ = ["LinearMSEFunction", "linear_mse_backward", "linear_mse_forward", "linear_mse_loss"]
@@ -117,6 +117,21 @@ class LinearMSEFunction(PositionalFunction):
         ctx.reduction, ctx.chunk_size, ctx.needs, ctx.backend = reduction, chunk_size, needs, backend
 
     @staticmethod
+    def jvp(
+        ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+        target_t: Tensor | None, *_: Any,
+    ) -> tuple:  # fmt: skip
+        """Forward mode: ℓ̇ = 2 (y − t)(ẏ − ṫ), reduced."""
+        x, weight, bias, target = ctx.saved_tensors
+        diff_t = tangent_z(x, weight, x_t, weight_t, bias_t)
+        if target_t is not None:
+            diff_t = diff_t - up(target_t)
+        loss_t = 2 * (logits(x, weight, bias) - up(target)) * diff_t
+        if ctx.reduction != "none":
+            loss_t = loss_t.sum() / (target.numel() if ctx.reduction == "mean" else 1)
+        return cast(loss_t, x.dtype), None, None, None, None
+
+    @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor) -> tuple:
         return head_backward(LinearMSEFunction._backward, _mse_differentiable_backward, ctx, grad_loss)
 
@@ -147,7 +162,6 @@ def _mse_differentiable_backward(ctx: Any, grad_loss: Tensor) -> tuple:
     grads = grads_from(grad_y, x, weight, ctx.needs_input_grad[:3])
     grad_target = cast(-grad_y, target.dtype) if ctx.needs_input_grad[3] else None
     return (*grads, grad_target, None, None, None, None)
-
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -259,7 +273,6 @@ linear_mse_forward.register_autograd(
     lambda ctx, grad_loss, *_: head_backward(_mse_op_backward, no_graph_backward, ctx, grad_loss),
     setup_context=_mse_op_setup_context,
 )
-
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -4,10 +4,11 @@ linear ones, for GPUs this machine does not have.
     python -m manualbp.triton_kernels.aot_gated --arch 90 80 --json
 
 Every variant: gated_up × dtype × activation × bias flags × each configuration of the list its
-launcher selects (`gated_mlp.configs_for`), and gated_delta × dtype × activation, specialised as a
-launch on a contiguous 16-divisible problem. Each cubin goes through `aot.py`'s cuobjdump
-inspection and `aot.check` (no spills, HGMMA in every 16-bit GEMM on sm_90). Kept beside aot.py
-rather than in it while aot.py is being reworked; its variants belong in `aot.variants`.
+launcher selects (`gated_mlp.configs_for`), and gated_delta × dtype × activation,
+specialised as Triton's binder specialises a real launch of the launchers in `gated_mlp.py` on
+stand-in tensors (`aot_launch`). Each cubin goes through the same inspection and `aot.check` as
+the linear kernels: no spills, no shared-memory ring race, and for 16-bit on sm_90 HGMMA in the
+main loop, not serialised. Kept beside aot.py; its variants belong in `aot_variants.variants`.
 Must run WITHOUT TRITON_INTERPRET.
 """
 
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from . import aot
+from . import aot, aot_inspect, aot_launch, aot_variants
 
 ACTS = ("identity", "relu", "sigmoid", "gelu", "gelu_tanh", "silu", "mish", "softplus")
 
@@ -50,50 +51,47 @@ def _torch_dtype(dtype: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def _signature(variant: aot.Variant, index: int):
+def _call_launcher(variant: aot.Variant) -> None:
+    """The real launcher of `variant` on contiguous stand-in CPU tensors (inside a capture)."""
+    import torch
+
     from . import gated_mlp
     from .activations import ACTIVATION_IDS
 
-    ptr = "*" + aot.DTYPES[variant.dtype]
+    dt = _torch_dtype(variant.dtype)
+    M, N, K = aot_variants.STANDIN_M, aot_variants.STANDIN_N, aot_variants.STANDIN_K
     act_id = ACTIVATION_IDS[variant.act]
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt)
+
     if variant.kernel == "gated_up":
-        fn = gated_mlp.gated_up_kernel
-        capability = (variant.arch // 10, variant.arch % 10)
-        cfg = gated_mlp.configs_for(capability, _torch_dtype(variant.dtype))[index]
-        names = ("x_ptr", "wg_ptr", "wu_ptr", "bg_ptr", "bu_ptr", "zg_ptr", "zu_ptr", "h_ptr")
-        types = {n: ptr for n in names}
-        ones = {"stride_xk", "stride_gk", "stride_uk", "stride_zgn", "stride_zun", "stride_hn"}
         bias = variant.flags == "bias"
-        const: dict[str, object] = dict(cfg.kwargs)
-        const.update(
-            ACT=act_id, HAS_GATE_BIAS=bias, HAS_UP_BIAS=bias, STORE_Z=True, UPCAST=False,
-            INPUT_PRECISION="ieee",
-        )  # fmt: skip
+        gated_mlp.gated_up(t(M, K), t(N, K), t(N, K), t(N) if bias else None, t(N) if bias else None, act_id)
     else:
-        fn = gated_mlp.gated_delta_kernel
-        cfg = gated_mlp.delta_gpu_config()
-        types = {n: ptr for n in ("dh_ptr", "zg_ptr", "zu_ptr", "dg_ptr", "du_ptr", "h_ptr")}
-        ones = {"stride_dhn", "stride_zgn", "stride_zun", "stride_dgn", "stride_dun", "stride_hn"}
-        const = dict(cfg.kwargs)
-        const.update(ACT=act_id, STORE_H=True, UPCAST=False)
-    types["negative_slope"] = "fp32"
-    signature: dict[str, str] = {}
-    attrs: dict[tuple[int, ...], list] = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            signature[name] = "constexpr"
-        elif name in ones:
-            signature[name] = "constexpr"
-            const[name] = 1
-        else:
-            signature[name] = types.get(name, "i32")
-            if signature[name] != "fp32":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return fn, signature, const, attrs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        gated_mlp.gated_delta(t(M, N), t(M, N), t(M, N), act_id)
+
+
+def specialization(variant: aot.Variant, index: int) -> tuple[object, dict]:
+    """(kernel, what a launch of `variant` with config `index` compiles), derived by Triton's
+    binder from the launcher's own arguments, as `aot_launch.specialization` does."""
+    from . import _utils, gated_mlp
+
+    fn = gated_mlp.gated_up_kernel if variant.kernel == "gated_up" else gated_mlp.gated_delta_kernel
+    with _utils.captured_launches((variant.arch // 10, variant.arch % 10)) as launches:
+        _call_launcher(variant)
+    (launch,) = [launch for launch in launches if launch.kernel is fn]
+    kwargs = dict(launch.kwargs)
+    if launch.configs is not None:
+        kwargs.update(_utils.launch_kwargs(launch.configs[index]))
+    with aot_launch.launched_on(variant.arch) as seen:
+        launch.kernel[launch.grid](*launch.args, **kwargs)  # type: ignore[index]
+    ((_, spec),) = seen
+    return fn, {k: spec[k] for k in aot_launch.SPEC_KEYS if k in spec}
 
 
 def compile_one(job: tuple[aot.Variant, int]) -> dict:
-    """As `aot.compile_one`, for the gated kernels."""
+    """As `aot.compile_one`, for the gated kernels: every field `aot.check` reads."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -102,9 +100,13 @@ def compile_one(job: tuple[aot.Variant, int]) -> dict:
     record = dataclasses.asdict(variant)
     t0 = time.perf_counter()
     try:
-        fn, signature, const, attrs, options = _signature(variant, index)
+        fn, spec = specialization(variant, index)
+        record["launch_specialized"] = True
+        record["spec"] = aot_launch.spec_summary(fn, spec)
+        src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
+        options = {k: spec[k] for k in aot_launch.SPEC_KEYS[3:] if k in spec}
         target = GPUTarget("cuda", variant.arch, 32)
-        kernel = triton.compile(ASTSource(fn, signature, const, attrs), target=target, options=options)
+        kernel = triton.compile(src, target=target, options=options)
         record["shared"] = int(kernel.metadata.shared)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
@@ -117,6 +119,9 @@ def compile_one(job: tuple[aot.Variant, int]) -> dict:
         record["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass.stdout))
         record["hgmma"] = "HGMMA" in sass.stdout
         record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass.stdout))
+        record["tma"] = "UTMALDG" in sass.stdout
+        record.update(aot_inspect.sass_main_loop(sass.stdout))
+        record["rings"] = aot_inspect.ring_report(kernel.asm["ttgir"])
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others
         record["error"] = f"{type(err).__name__}: {err}"

@@ -151,11 +151,21 @@ CONFIGS = {
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-def configs_for(capability: tuple[int, int], dtype: torch.dtype) -> list[triton.Config]:
-    """The configurations a gated_up launch tries, first first (`capability` e.g. (9, 0))."""
+def config_flavour(capability: tuple[int, int], dtype: torch.dtype) -> str:
+    """Which list of CONFIGS a gated_up launch autotunes over (`capability` e.g. (9, 0))."""
     if dtype == torch.float32:
-        return CONFIGS["fp32"]
-    return CONFIGS["16bit" if capability >= (9, 0) else "16bit_sm80"]
+        return "fp32"
+    return "16bit" if capability >= (9, 0) else "16bit_sm80"
+
+
+def configs_for(capability: tuple[int, int], dtype: torch.dtype) -> list[triton.Config]:
+    return CONFIGS[config_flavour(capability, dtype)]
+
+
+gated_up_autotuned = {
+    flavour: triton.autotune(configs=configs, key=["M", "N", "K"])(gated_up_kernel)
+    for flavour, configs in CONFIGS.items()
+}
 
 
 def delta_gpu_config() -> triton.Config:
@@ -222,11 +232,13 @@ def gated_up(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if INTERPRET:
-        _utils.traceable(gated_up_kernel)[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
-    else:
-        configs = configs_for(_utils.device_capability(x.device), x.dtype)
-        _utils.launch_first_fitting(gated_up_kernel, grid, configs, *args, **flags)
+    _utils.launch_gemm(
+        gated_up_kernel, grid, args, flags,
+        autotuned=gated_up_autotuned,
+        configs=CONFIGS,
+        flavour=lambda capability: config_flavour(capability, x.dtype),
+        interpreter_config=INTERPRETER_CONFIG,
+    )  # fmt: skip
     return h, z_g, z_u
 
 

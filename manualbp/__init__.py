@@ -9,7 +9,7 @@ from manualbp import functional, jacobian, ops, optim
 from manualbp.activations import ACTIVATIONS, Activation, get_activation
 from manualbp.backends import BACKENDS, get_backend, set_backend, use_backend
 from manualbp.convert import ConversionReport, Replacement, convert, revert
-from manualbp.nn import MLP, Linear, LinearAct, TransposedLinear
+from manualbp.nn import MLP, GatedMLP, Linear, LinearAct, TransposedLinear
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "MLP",
     "Activation",
     "ConversionReport",
+    "GatedMLP",
     "Replacement",
     "Linear",
     "LinearAct",

@@ -5,6 +5,9 @@
 (in, out)) by a `manualbp.nn.TransposedLinear` with the same `weight`/`bias`, and — with
 `fuse_activations=True` — such a layer and the activation applied directly to its output by one
 fused layer; the activation's slot becomes an `nn.Identity`, so every name and state_dict key stays.
+With `fuse_activations=True` a gated MLP block (LLaMA-style ``down(act(gate(x)) * up(x))``, timm's
+`SwiGLU`) becomes one `manualbp.GatedMLP` with the block's projection names and Parameters
+(:mod:`manualbp.convert_gated` says which blocks, and when); its report line is the block's.
 
 Fusion happens only where the equivalence is certain: the activation module comes right after the
 layer in an `nn.Sequential` (or a subclass that keeps `Sequential.forward`, as torchvision's
@@ -45,7 +48,8 @@ from torch.nn.utils import parametrize
 
 from manualbp.activations import Activation
 from manualbp.convert_activations import activation_entry, own_forward, qualname
-from manualbp.nn import Linear, LinearAct, TransposedLinear, has_hooks
+from manualbp.convert_gated import activation_slot, gated_plan, is_gated_block, to_gated, to_native_block
+from manualbp.nn import GatedMLP, Linear, LinearAct, TransposedLinear, has_hooks
 
 __all__ = ["ConversionReport", "Replacement", "convert", "revert"]
 
@@ -133,6 +137,10 @@ class _Plan:
 def _plan(parent: nn.Module, children: list[tuple[str, nn.Module]]) -> dict[str, _Plan]:
     """Which linear-like children of `parent` take which activation child in."""
     kind = type(parent)
+    if is_gated_block(parent):  # only reached when it was not made a GatedMLP: say why
+        _, why = gated_plan(parent, _why_not)
+        names = [name for name, child in children if _linear_like(child)]
+        return {names[0]: _Plan(note=f"{kind.__name__} not made a GatedMLP: {why}")} if names else {}
     if qualname(kind) in _BLOCKS:
         proj, slot = _BLOCKS[qualname(kind)]
         act_module = parent._modules.get(slot)
@@ -261,6 +269,8 @@ def _to_native(layer: nn.Module) -> nn.Module:
 
 def _describe(module: nn.Module) -> str:
     """A readable type: torch.nn.Linear, manualbp.Linear, manualbp.LinearAct(gelu), ..."""
+    if isinstance(module, GatedMLP):
+        return f"manualbp.GatedMLP({module.activation})"
     if isinstance(module, LinearAct):
         return f"manualbp.LinearAct({module.activation})"
     if isinstance(module, TransposedLinear):
@@ -302,8 +312,15 @@ def _convert(parent: nn.Module, prefix: str, fuse: bool, report: ConversionRepor
     fused_slots: set[str] = set()
     for name, child in children:
         qualified = _qualified(prefix, name)
-        if name in fused_slots or isinstance(child, (Linear, LinearAct, TransposedLinear)):
+        if name in fused_slots or isinstance(child, (Linear, LinearAct, TransposedLinear, GatedMLP)):
             continue  # the activation just fused, or already ours
+        if fuse and is_gated_block(child):
+            act, _ = gated_plan(child, _why_not)
+            if act is not None:
+                setattr(parent, name, gated := to_gated(child, act))
+                act_slot, old = _qualified(qualified, activation_slot(child)), qualname(type(child))
+                report.replaced.append(Replacement(qualified, old, _describe(gated), act_slot))
+                continue
         if not _linear_like(child):
             _convert(child, qualified, fuse, report)
             continue
@@ -351,6 +368,9 @@ def _revert(parent: nn.Module, prefix: str, report: ConversionReport) -> None:
     children = list(parent.named_children())
     for i, (name, layer) in enumerate(children):
         qualified = _qualified(prefix, name)
+        if type(layer) is GatedMLP:
+            _revert_gated(parent, name, qualified, layer, report)
+            continue
         if type(layer) not in (Linear, LinearAct, TransposedLinear):
             _revert(layer, qualified, report)
             continue
@@ -386,3 +406,15 @@ def _find_slot(
     if following is None or type(following[1]) is not nn.Identity or not isinstance(layer, LinearAct):
         return None
     return following[0], layer.act.native()
+
+
+def _revert_gated(
+    parent: nn.Module, name: str, qualified: str, layer: GatedMLP, report: ConversionReport
+) -> None:
+    block = to_native_block(layer)
+    if block is None:
+        report.skipped.append((qualified, "GatedMLP not made by convert: no native block recorded"))
+        return
+    setattr(parent, name, block)
+    slot = _qualified(qualified, activation_slot(block))
+    report.replaced.append(Replacement(qualified, _describe(layer), qualname(type(block)), slot))

@@ -11,6 +11,7 @@ code that wants to call them directly.
 from __future__ import annotations
 
 from manualbp.ops._common import REDUCTIONS
+from manualbp.ops.gated import GatedMLPFunction, gated_mlp
 from manualbp.ops.heads import LinearCrossEntropyFunction, linear_cross_entropy
 from manualbp.ops.linear_act import LinearActFunction, linear
 from manualbp.ops.linear_mse import LinearMSEFunction, linear_mse_loss
@@ -25,6 +26,7 @@ from manualbp.ops.network import MLPFunction, mlp
 
 __all__ = [
     "linear",
+    "gated_mlp",
     "mlp",
     "mse_loss",
     "half_mse_loss",
@@ -33,6 +35,7 @@ __all__ = [
     "linear_mse_loss",
     "REDUCTIONS",
     "CrossEntropyFunction",
+    "GatedMLPFunction",
     "LinearActFunction",
     "LinearCrossEntropyFunction",
     "LinearMSEFunction",

@@ -1,5 +1,6 @@
 """Drop-in modules: `Linear` (for `nn.Linear`), `LinearAct` (Linear + activation, fused), `MLP`,
-and `TransposedLinear` (for Hugging Face's `Conv1D`, GPT-2's transposed-weight linear).
+`GatedMLP` (LLaMA's MLP block, SwiGLU / GEGLU) and `TransposedLinear` (for Hugging Face's
+`Conv1D`, GPT-2's transposed-weight linear).
 
 They hold parameters exactly as `torch.nn.Linear` does (`TransposedLinear`: as `Conv1D`) — same
 names, shapes, initialisation and state_dict keys — and call :func:`manualbp.functional.linear`,
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -20,7 +21,7 @@ from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.fast import Workspace
 
-__all__ = ["Linear", "LinearAct", "MLP", "TransposedLinear"]
+__all__ = ["GatedMLP", "Linear", "LinearAct", "MLP", "TransposedLinear"]
 
 
 def _check_features(name: str, value: Any) -> int:
@@ -123,7 +124,7 @@ class LinearAct(nn.Module):
         return text
 
 
-def _must_call(layers: nn.ModuleList) -> bool:
+def _must_call(layers: Iterable[nn.Module]) -> bool:
     """Whether network mode would bypass something the layers' own calls run: module hooks
     (forward, pre-forward, backward; also the global ones — `prune`, the old `weight_norm` and
     `spectral_norm`, FSDP2's `fully_shard` are hooks), or parametrizations of their weights."""
@@ -298,3 +299,83 @@ class TransposedLinear(nn.Module):
     def extra_repr(self) -> str:
         text = f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, activation={self.act.name}"
         return text + (f", negative_slope={self.act.negative_slope}" if self.act.name == "leaky_relu" else "")
+
+
+class GatedMLP(nn.Module):
+    """y = down(f(gate(x)) ⊙ up(x)): the gated MLP block (LLaMA, Mistral, Qwen: SwiGLU; GEGLU).
+
+    Three `manualbp.Linear` children hold the parameters — by default ``gate_proj``,
+    ``up_proj``, ``down_proj``, as in Hugging Face's `LlamaMLP`, so its state_dict keys are
+    ``gate_proj.weight`` and so on; `names` picks others (``("fc1_g", "fc1_x", "fc2")`` for timm's
+    `SwiGLU`). The forward is one op, :func:`manualbp.functional.gated_mlp`, whose hand-written
+    backward keeps x, z_g and z_u only. When a projection has hooks or parametrizations, or
+    global module hooks are installed, the projections are called as modules instead (so the
+    hooks run), exactly as the native block computes it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        activation: str | Activation = "silu",
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        negative_slope: float | None = None,
+        names: Sequence[str] = ("gate_proj", "up_proj", "down_proj"),
+    ) -> None:
+        super().__init__()
+        if isinstance(names, str) or len(names) != 3 or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"names: expected three attribute names (gate, up, down), got {names!r}")
+        if len(set(names)) != 3:
+            raise ValueError(f"names: expected three different names, got {tuple(names)}")
+        self.act = get_activation(activation, negative_slope=negative_slope)
+        n_in = _check_features("in_features", in_features)
+        hidden = _check_features("hidden_features", hidden_features)
+        n_out = _check_features("out_features", out_features)
+        self._names = tuple(names)
+        factory: dict[str, Any] = {"bias": bias, "device": device, "dtype": dtype}
+        for name, (a, b) in zip(self._names, ((n_in, hidden), (n_in, hidden), (hidden, n_out))):
+            self.add_module(name, Linear(a, b, **factory))
+
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The (gate, up, down) projections, whatever their attribute names."""
+        gate, up, down = (cast(nn.Linear, self._modules[n]) for n in self._names)
+        return gate, up, down
+
+    @property
+    def activation(self) -> str:
+        return self.act.name
+
+    @property
+    def in_features(self) -> int:
+        return self.projections[0].in_features
+
+    @property
+    def hidden_features(self) -> int:
+        return self.projections[0].out_features
+
+    @property
+    def out_features(self) -> int:
+        return self.projections[2].out_features
+
+    def reset_parameters(self) -> None:
+        for proj in self.projections:
+            proj.reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        gate, up, down = self.projections
+        if _must_call((gate, up, down)):
+            return down(self.act(gate(input)) * up(input))
+        return MF.gated_mlp(
+            input, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias, self.act
+        )
+
+    def extra_repr(self) -> str:
+        text = f"activation={self.act.name}"
+        if self.act.name == "leaky_relu":
+            text += f", negative_slope={self.act.negative_slope}"
+        return text

@@ -60,7 +60,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from manualbp.activations import Activation
 
-__all__ = ["is_available", "linear_forward", "linear_backward"]
+__all__ = ["gated_mlp_backward", "gated_mlp_forward", "is_available", "linear_backward", "linear_forward"]
 
 # Triton decides at import time whether kernels are interpreted; read the same variable here.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -202,3 +202,47 @@ def network_step(
             grad, x, saved, act_id, slope, need_weight=need_weight, need_bias=need_bias
         )
     return grad_prev, grad_weight, grad_bias
+
+
+def gated_mlp_forward(
+    x: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    act: Activation,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, z_g, z_u) of the gated MLP (`manualbp.ops.gated`): gate and up in one GEMM, then down."""
+    _check_act(act)
+    _check_dtype(x)
+    from manualbp.triton_kernels import gated_mlp
+
+    return gated_mlp.gated_mlp_forward(
+        x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias,
+        act.kernel_id, act.negative_slope,
+    )  # fmt: skip
+
+
+def gated_mlp_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    z_g: Tensor,
+    z_u: Tensor,
+    act: Activation,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """The gated MLP's seven gradients; δ_g and δ_u in one pass (`triton_kernels.gated_mlp`)."""
+    _check_act(act)
+    from manualbp.triton_kernels import gated_mlp
+
+    flags = tuple(bool(n) for n in needs)
+    assert len(flags) == 7
+    return gated_mlp.gated_mlp_backward(
+        grad_out, x, gate_weight, up_weight, down_weight, z_g, z_u,
+        act.kernel_id, act.negative_slope, flags,
+    )  # fmt: skip

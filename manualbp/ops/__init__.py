@@ -5,6 +5,7 @@ Function, its `torch.library` custom ops (for `torch.compile` / `torch.export`) 
     losses       mse_loss, half_mse_loss, cross_entropy
     heads        linear_cross_entropy (fused head)      and linear_mse (the squared-error head)
     chunked      the heads' chunk loop and GEMMs
+    gated        the gated MLP y = W_d (f(W_g x) ⊙ W_u x)  `manualbp.functional.gated_mlp`
     network      the whole MLP as one autograd node (the seed's δ recursion)
     _common      checks, autocast handling, backend modules by name
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from manualbp.ops import linear_act
 from manualbp.ops._common import autocast_to, check_class_range, no_autocast
+from manualbp.ops.gated import gated_mlp_backward, gated_mlp_forward
 from manualbp.ops.linear_act import (
     backend_name,
     linear_backward,
@@ -59,6 +61,8 @@ OPS: dict[str, Any] = {
     "squared_error_backward": squared_error_backward,
     "cross_entropy_forward": cross_entropy_forward,
     "cross_entropy_backward": cross_entropy_backward,
+    "gated_mlp_forward": gated_mlp_forward,
+    "gated_mlp_backward": gated_mlp_backward,
 }
 
 

@@ -9,7 +9,7 @@ from manualbp.triton_kernels.cross_entropy import cross_entropy_rows
 from manualbp.ops.ce_rows import CEOptions, rows_reference
 
 from .helpers import TOL, rel_err
-from .test_heads_options import C, OPTIONS, REDUCTIONS, check_head
+from .test_heads_options import OPTIONS, REDUCTIONS, C, check_head
 
 F32 = torch.float32
 

@@ -204,11 +204,12 @@ def test_options_second_order(reduction, prob):
             assert rel_err(a, r) <= 1e-9
 
 
+@pytest.mark.parametrize("prob", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_options_forward_mode(reduction):
+def test_options_forward_mode(reduction, prob):
     import torch.autograd.forward_ad as fwAD
 
-    x, w, b, t = _data()
+    x, w, b, t = _data(prob=prob)
     opts = _class_weight(OPTIONS["all"])
     tangents = [torch.randn_like(v) for v in (x, w, b)]
     outs = []

@@ -325,3 +325,36 @@ def test_bad_options():
         linear_cross_entropy(x, w, b, q.clone().requires_grad_())
     with pytest.raises(NotImplementedError, match="torch.func"):
         torch.func.grad(lambda x: linear_cross_entropy(x, w, b, t, label_smoothing=0.1))(x)
+
+
+@pytest.mark.parametrize("grads", [(True, False, True), (False, True, False), (False, False, True)])
+def test_options_only_requested_gradients(grads):
+    x, w, b, t = _data()
+    opts = _class_weight(OPTIONS["all"])
+    leaves = [v.clone().requires_grad_(g) for v, g in zip((x, w, b), grads, strict=True)]
+    refs = [v.clone().requires_grad_(g) for v, g in zip((x, w, b), grads, strict=True)]
+    linear_cross_entropy(*leaves, t, "mean", -100, 7, **opts).backward()
+    native_head(*refs, t, "mean", **opts).backward()
+    for ours, ref, wanted in zip(leaves, refs, grads, strict=True):
+        assert (ours.grad is None) == (not wanted)
+        if wanted:
+            assert rel_err(ours.grad, ref.grad) <= TOL[F64]
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_options_under_autocast(prob):
+    """bfloat16 GEMMs, the loss in float32 as native gives there; float64 oracle, bf16 tolerance."""
+    x, w, b, t = _data(prob=prob)
+    opts = _class_weight(OPTIONS["all"])
+    cw32 = {k: (v.float() if k == "class_weight" else v) for k, v in opts.items()}
+    ours_in = _leaves((x, w, b), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(*ours_in, t.float() if prob else t, "mean", -100, 7, **cw32)
+    assert loss.dtype == torch.float32
+    ref_in = _leaves((x, w, b), F64)
+    ref = native_head(*ref_in, t, "mean", **opts)
+    assert rel_err(loss, ref) <= TOL[torch.bfloat16]
+    loss.backward()
+    ref.backward()
+    for ours, theirs in zip(ours_in, ref_in, strict=True):
+        assert ours.grad.dtype == torch.float32 and rel_err(ours.grad, theirs.grad) <= 2 * TOL[torch.bfloat16]

@@ -103,3 +103,27 @@ def test_kernel_option_arguments():
         cross_entropy_rows(z, t, scale, lse_square_scale=0.1)
     with pytest.raises(ValueError, match="z_scale"):
         cross_entropy_rows(z, t, scale, lse_square_scale=0.1, z_scale=torch.ones(3))
+
+
+def test_triton_reads_the_probability_target_in_place(monkeypatch):
+    """The kernel gets views of the caller's (M, C) target, chunk by chunk: no copy of it."""
+    import manualbp.triton_kernels.cross_entropy as kernel_module
+
+    from .test_heads_options import _data
+
+    x, w, b, q = _data(prob=True)
+    x, w, b, q = x.float(), w.float(), b.float(), q.float()
+    seen = []
+    real = kernel_module.cross_entropy_rows
+
+    def spy(logits, target, *args, **kwargs):
+        seen.append((target.untyped_storage().data_ptr(), tuple(target.shape)))
+        return real(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "cross_entropy_rows", spy)
+    import manualbp as mbp
+    from manualbp.ops.heads import linear_cross_entropy
+
+    with mbp.use_backend("triton"):
+        linear_cross_entropy(x, w, b, q, "sum", -100, 10, label_smoothing=0.1)
+    assert seen == [(q.untyped_storage().data_ptr(), (r, C)) for r in (10, 10, 6)]

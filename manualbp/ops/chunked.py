@@ -248,8 +248,6 @@ class HeadCtx:
     chunk_size: int
     ignore_index: int = -100
     reduction: str = "none"
-    class_weight: Tensor | None = None
-    options: Any = None
 
 
 def filled(grads: Any, like: Tensor) -> tuple[Tensor, ...]:

@@ -11,15 +11,17 @@ cross-entropy does):
     G   = (softmax(z) − onehot(t)) · s_i     ∂C/∂z, written over z (s_i = 1/count for "mean")
     grad_x[c] = G W,   grad_W += Gᵀ x_c,   grad_b += Σ_rows G
 
-With the options (class weights, label smoothing, z-loss, logit softcap, probability targets)
-ℓ_i and G are those stated in :mod:`manualbp.ops.ce_rows`, which holds the per-chunk math of
-both backends; this module holds the chunk loop's Function, its custom ops and the entry point.
-
 so backward only multiplies the precomputed gradients by the incoming scalar ∂C/∂loss. Peak
 extra memory is O(chunk × C) plus the gradients themselves (the sizes of x, W and b); no
 (M × C) tensor is ever allocated or saved. With reduction="none" the row weights ∂C/∂ℓ_i are
 unknown until backward, so forward keeps only its inputs and backward runs the same chunk loop
 with them (one more pass of the forward GEMM).
+
+With the options (class weights, label smoothing, z-loss, logit softcap, probability targets)
+ℓ_i and G are those stated in :mod:`manualbp.ops.ce_rows`, which holds the per-chunk math of
+both backends; this module holds the chunk loop's Function, its custom ops and the entry point.
+A probability target is the caller's own (M × C) tensor, read a chunk at a time (the kernel
+reads it in place; the reference forms one chunk-sized buffer from it).
 
 `linear_mse_loss` is the same head for a regression output: G = 2 (y − t) · s.
 
@@ -48,13 +50,14 @@ program records them by name):
 They run the Functions' own forward/backward bodies. The forward op precomputes the gradients
 named by its need flags (read from `requires_grad` at trace time); for "mean"/"sum" the compiled
 backward only scales them (plain torch ops). The backward op runs the chunk loop again with
-per-row weights ∂C/∂ℓ_i: for reduction "none", and for any gradient autograd wants that forward
-did not precompute (an exported program run with other `requires_grad` than it was traced with —
-only then are the inputs saved too). Unneeded gradients are (0,)-shaped placeholders (ops return
-neither None nor aliases). The class-range check of the targets reads their values, so it runs
-inside the forward op at run time. `backend` ("torch" or "triton") is the one in force at trace
-time, baked into the graph as for `manualbp.ops`; the Triton backend runs inside the opaque op
-(the heads have no `triton_op` form that Inductor could see into).
+per-row weights (∂C/∂ce_i and ∂C/∂zl_i, which "mean" scales apart): for reduction "none", and for
+any gradient autograd wants that forward did not precompute (an exported program run with other
+`requires_grad` than it was traced with — only then are the inputs saved too). Unneeded gradients
+are (0,)-shaped placeholders (ops return neither None nor aliases). The class-range check of the
+targets reads their values, so it runs inside the forward op at run time. `backend` ("torch" or
+"triton") is the one in force at trace time, baked into the graph as for `manualbp.ops`; the
+Triton backend runs inside the opaque op (the heads have no `triton_op` form that Inductor could
+see into).
 """
 
 from __future__ import annotations

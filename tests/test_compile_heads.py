@@ -26,6 +26,8 @@ F64 = torch.float64
 REDUCTIONS = ["mean", "sum", "none"]
 M, K, C = 7, 5, 6  # rows (2 × 7 with the leading dim below), in_features, classes
 CHUNK = 4  # does not divide the 14 rows: the last chunk is short
+NO_OPTIONS = (0.0, 0.0, 0.0)  # label_smoothing, lse_square_scale, softcap of the ops
+OPTIONS = (0.1, 0.02, 3.0)
 
 
 def _ce_data(dtype: torch.dtype, *, bias: bool = True, ignore_index: int = -100):
@@ -284,15 +286,15 @@ def test_export_records_the_head_op_and_keeps_its_gradients(loss: str, reduction
 def test_op_saves_its_inputs_only_for_gradients_it_did_not_precompute() -> None:
     x, w, b, t = _row_data(F64)
     x, w, b = _leaves((x, w, b), F64, (True,) * 3)
-    args = (x, w, b, t, "mean", -100, CHUNK)
+    args = (x, w, b, t, None, "mean", -100, *NO_OPTIONS, CHUNK)
     precomputed = saved_tensor_bytes(
         lambda: fused_loss.linear_cross_entropy_forward(*args, True, True, True, "torch")
     )
-    assert precomputed.references == 3  # the three gradients, nothing else
+    assert precomputed.references == 3  # the three gradients, nothing else (lse is not saved)
     late = saved_tensor_bytes(
         lambda: fused_loss.linear_cross_entropy_forward(*args, False, True, True, "torch")
     )
-    assert late.references == 3 + 4  # (grad_x a placeholder) and x, weight, bias, target
+    assert late.references == 3 + 4  # (grad_x a placeholder), x, weight, bias, target (no class weight)
     loss, *_ = fused_loss.linear_cross_entropy_forward(*args, False, True, True, "torch")
     ref_leaves = _leaves((x, w, b), F64, (True,) * 3)
     ref = F.cross_entropy(F.linear(*ref_leaves), t)
@@ -315,24 +317,39 @@ def _op_samples(backend: str, dtype: torch.dtype) -> list[tuple]:
     x, w, b, y = _leaves((x, w, b, y), dtype, (True,) * 4)
     x0, w0, b0, y0 = (v.detach() for v in (x, w, b, y))
     t2 = torch.where(t == -100, 2, t)  # for ignore_index=2
+    q = torch.softmax(torch.randn(x.shape[0], C, dtype=dtype), -1)  # probability targets
+    cw = torch.rand(C, dtype=dtype) + 0.5
     samples: list[tuple] = []
     for reduction in REDUCTIONS:
         samples += [
             (fused_loss.linear_cross_entropy_forward,
-             (x, w, b, t, reduction, -100, CHUNK, True, True, True, backend)),
+             (x, w, b, t, None, reduction, -100, *NO_OPTIONS, CHUNK, True, True, True, backend)),
             (fused_loss.linear_cross_entropy_forward,
-             (x0, w, None, t2, reduction, 2, CHUNK, False, True, False, backend)),
+             (x0, w, None, t2, None, reduction, 2, *NO_OPTIONS, CHUNK, False, True, False,
+              backend)),
+            (fused_loss.linear_cross_entropy_forward,
+             (x, w, b, t, cw, reduction, -100, *OPTIONS, CHUNK, True, True, True, backend)),
+            (fused_loss.linear_cross_entropy_forward,
+             (x0, w, None, q, cw, reduction, -100, *OPTIONS, CHUNK, False, True, False,
+              backend)),
             (fused_loss.linear_mse_forward,
              (x, w, b, y, reduction, CHUNK, True, True, True, True, backend)),
             (fused_loss.linear_mse_forward,
              (x0, w, None, y0, reduction, CHUNK, False, True, False, False, backend)),
         ]  # fmt: skip
     g_rows, g_out = torch.randn(x.shape[0], dtype=dtype), torch.randn(y.shape, dtype=dtype)
+    g_z = torch.randn(x.shape[0], dtype=dtype)
     samples += [
         (fused_loss.linear_cross_entropy_backward,
-         (g_rows, x0, w0, b0, t, -100, CHUNK, True, True, True, backend)),
+         (g_rows, g_rows, x0, w0, b0, t, None, -100, *NO_OPTIONS, CHUNK, True, True, True,
+          backend)),
         (fused_loss.linear_cross_entropy_backward,
-         (g_rows, x0, w0, None, t2, 2, CHUNK, False, True, False, backend)),
+         (g_rows, g_rows, x0, w0, None, t2, None, 2, *NO_OPTIONS, CHUNK, False, True, False,
+          backend)),
+        (fused_loss.linear_cross_entropy_backward,
+         (g_rows, g_z, x0, w0, b0, q, cw, -100, *OPTIONS, CHUNK, True, True, True, backend)),
+        (fused_loss.linear_cross_entropy_backward,
+         (g_rows, g_z, x0, w0, None, t, cw, -100, *OPTIONS, CHUNK, True, False, True, backend)),
         (fused_loss.linear_mse_backward,
          (g_out, x0, w0, b0, y0, CHUNK, True, True, True, True, backend)),
         (fused_loss.linear_mse_backward,
@@ -351,11 +368,12 @@ def test_opcheck_head_ops(backend: str, dtype: torch.dtype) -> None:
 
 def test_ops_return_no_aliases_and_placeholders_for_unneeded_gradients() -> None:
     x, w, b, t = _row_data(F64)
-    loss, *grads = fused_loss.linear_cross_entropy_forward(x, w, b, t, "sum", -100, CHUNK,
-                                                           False, True, False, "torch")  # fmt: skip
+    loss, lse, *grads = fused_loss.linear_cross_entropy_forward(
+        x, w, b, t, None, "sum", -100, *NO_OPTIONS, CHUNK, False, True, False, "torch")  # fmt: skip
     assert loss.shape == () and [tuple(g.shape) for g in grads] == [(0,), (C, K), (0,)]
-    loss, *grads = fused_loss.linear_cross_entropy_forward(x, w, b, t, "none", -100, CHUNK,
-                                                           True, True, True, "torch")  # fmt: skip
+    assert lse.shape == t.shape
+    loss, _, *grads = fused_loss.linear_cross_entropy_forward(
+        x, w, b, t, None, "none", -100, *NO_OPTIONS, CHUNK, True, True, True, "torch")  # fmt: skip
     assert loss.shape == t.shape and all(g.shape == (0,) for g in grads)  # computed in backward
     with pytest.raises(ValueError, match="backend: expected 'torch' or 'triton'"):
         fused_loss.linear_mse_forward(x, w, b, torch.randn(x.shape[0], C, dtype=F64), "mean",

@@ -7,6 +7,7 @@ from manualbp.triton_kernels.cross_entropy import cross_entropy_rows
 
 import manualbp as mbp
 from manualbp.ops import heads as fused_loss
+from manualbp.ops.ce_rows import CEOptions
 from manualbp.ops.heads import default_chunk_size, linear_cross_entropy, linear_mse_loss
 from manualbp.ops.network import saved_tensor_bytes
 
@@ -144,13 +145,13 @@ def test_ce_never_keeps_a_logits_sized_tensor():
 def test_ce_class_buffers_are_chunk_sized(monkeypatch, reduction):
     """Every (rows × classes) buffer the head sees has at most chunk_size rows."""
     seen: list[tuple[int, ...]] = []
-    real = fused_loss._ce_reference
+    real = fused_loss.rows_reference
 
     def spy(z, *args):
         seen.append(tuple(z.shape))
         return real(z, *args)
 
-    monkeypatch.setattr(fused_loss, "_ce_reference", spy)
+    monkeypatch.setattr(fused_loss, "rows_reference", spy)
     _check_ce(torch.float64, reduction, 7)
     passes = 2 if reduction == "none" else 1  # "none" reruns the chunk loop in backward
     assert seen == [(7, C), (7, C), (7, C), (5, C)] * passes
@@ -201,7 +202,9 @@ def test_cross_entropy_kernel(dtype):
 def test_cross_entropy_kernel_bad_arguments():
     z = torch.randn(4, 5)
     with pytest.raises(TypeError, match="target"):
-        cross_entropy_rows(z, torch.zeros(4), None)
+        cross_entropy_rows(z, torch.zeros(4, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match="class probabilities"):
+        cross_entropy_rows(z, torch.zeros(4), None)  # a floating target is (M, C) probabilities
     with pytest.raises(ValueError, match="target"):
         cross_entropy_rows(z, torch.zeros(3, dtype=torch.long), None)
     with pytest.raises(ValueError, match="scale"):
@@ -268,8 +271,8 @@ def test_bad_inputs():
     x, w, b, t = _data(torch.float32)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(x, w, b, t, reduction="avg")
-    with pytest.raises(TypeError, match="target"):
-        linear_cross_entropy(x, w, b, t.float())
+    with pytest.raises(ValueError, match="target: floating"):
+        linear_cross_entropy(x, w, b, t.float())  # probabilities must be (*lead, classes)
     with pytest.raises(TypeError, match="target"):
         linear_cross_entropy(x, w, b, t > 0)
     with pytest.raises(ValueError, match="target: shape"):
@@ -303,7 +306,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, under the interpreter: −inf − −inf
-@pytest.mark.parametrize("head", ["_ce_reference", "_ce_triton"])
+@pytest.mark.parametrize("head", ["rows_reference", "rows_triton"])
 def test_ce_ignored_row_of_inf_logits_gets_zero_gradient(head):
     """A row of only −inf logits (NaN softmax) whose target is ignored: gradient exactly 0.
 
@@ -312,7 +315,8 @@ def test_ce_ignored_row_of_inf_logits_gets_zero_gradient(head):
     z = torch.randn(4, 70)
     z[2] = -float("inf")
     t = torch.tensor([1, 69, -100, 0])
-    loss, grad = getattr(fused_loss, head)(z.clone(), t, -100, torch.full((4,), 0.25))
+    scale = torch.full((4,), 0.25)
+    loss, _, grad = getattr(fused_loss, head)(z.clone(), t, None, -100, CEOptions(), scale, scale)
     zz = z.double().requires_grad_()
     ref = F.cross_entropy(zz, t, reduction="sum") * 0.25
     ref.backward()

@@ -92,6 +92,12 @@ def specialization(variant: aot.Variant, index: int) -> tuple[object, dict]:
 
 def compile_one(job: tuple[aot.Variant, int]) -> dict:
     """As `aot.compile_one`, for the gated kernels: every field `aot.check` reads."""
+    return compile_with(specialization, job)
+
+
+def compile_with(specialize, job: tuple[aot.Variant, int]) -> dict:
+    """Compile and inspect `job` as specialised by `specialize(variant, index) -> (kernel, spec)`
+    (the kernels outside `aot.py`'s list share this: the gated MLP's, cross-entropy's)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -100,7 +106,7 @@ def compile_one(job: tuple[aot.Variant, int]) -> dict:
     record = dataclasses.asdict(variant)
     t0 = time.perf_counter()
     try:
-        fn, spec = specialization(variant, index)
+        fn, spec = specialize(variant, index)
         record["launch_specialized"] = True
         record["spec"] = aot_launch.spec_summary(fn, spec)
         src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])

@@ -177,11 +177,12 @@ def or_placeholder(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 def save_head(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-               reduction: str, grads: list[Tensor]) -> None:
+               reduction: str, grads: list[Tensor], also: tuple[Tensor, ...] = ()) -> None:
     """What both heads keep: the chunked gradients for mean/sum (backward only scales them), and
     the inputs by reference — for "none" (backward reruns the chunks with per-row weights) and
-    for a differentiable backward (create_graph), which recomputes from them."""
-    ctx.mark_non_differentiable(*grads)
+    for a differentiable backward (create_graph), which recomputes from them. `also`: further
+    non-differentiable outputs (the cross-entropy head's log-sum-exp)."""
+    ctx.mark_non_differentiable(*grads, *also)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     kept = grads if reduction != "none" else []
     ctx.save_for_backward(*kept, x, weight, bias, target)
@@ -271,7 +272,8 @@ def only_wanted(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[T
     return [g if need else None for g, need in zip(grads, needs, strict=True)]
 
 
-def save_op_head(ctx: Any, inputs: tuple, reduction: str, grads: tuple, needs: tuple) -> None:
+def save_op_head(ctx: Any, inputs: tuple, reduction: str, grads: tuple, needs: tuple,
+                 also: tuple = ()) -> None:
     """What the ops keep: the gradients forward precomputed, plus the inputs (by reference).
 
     The inputs only when backward must run the chunk loop for a gradient autograd wants that
@@ -281,7 +283,7 @@ def save_op_head(ctx: Any, inputs: tuple, reduction: str, grads: tuple, needs: t
     precomputed = needs if reduction != "none" else (False,) * len(needs)
     wanted = ctx.needs_input_grad[: len(needs)]
     late = any(w and not p for w, p in zip(wanted, precomputed, strict=True))
-    ctx.mark_non_differentiable(*grads)
+    ctx.mark_non_differentiable(*grads, *also)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.save_for_backward(*grads, *(inputs if late else ()))
     ctx.precomputed, ctx.reduction = precomputed, reduction

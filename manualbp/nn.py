@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.fast import Workspace
+from manualbp.ops.network_plan import plan_for
 
 __all__ = ["GatedMLP", "Linear", "LinearAct", "MLP", "TransposedLinear"]
 
@@ -225,6 +226,15 @@ class MLP(nn.Module):
             layer.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
+        # The CPU fast path, planned once (manualbp.ops.network_plan): the plan checks that it
+        # still holds (parameters, dtypes, hooks, mode, ...) and otherwise the general path runs.
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.admits(self, input):
+            return plan(input)
+        plan = plan_for(self, input, getattr(self, "_workspace", None), LinearAct)
+        self.__dict__["_plan"] = plan
+        if plan is not None:
+            return plan(input)
         # While a graph is captured (torch.compile/export) the per-layer path runs: each layer is
         # then one `manualbp::` custom op, which the tracer can handle. So it does when a layer
         # must be called as a module (hooks, parametrizations, pruning, FSDP).

@@ -13,10 +13,15 @@ step cheap, and nothing else:
 * GEMMs that write where the result is needed (`out=`), including back into a reused workspace
   (:class:`Workspace`) for the δ temporaries of the network-mode sweep.
 
-It runs only where it is bitwise-equivalent in meaning to the reference and cheaper: CPU tensors
-of float32/float64 (16-bit storage keeps the reference's float32 compute), first order (the
-Functions take the differentiable reference path when grad mode is on in backward), and never
-under torch.func transforms (the entry points pick the reference backend there).
+It runs only where it means what the reference means and is cheaper: CPU tensors of float32,
+float64 and bfloat16, first order (the Functions take the differentiable reference path when
+grad mode is on in backward), and never under torch.func transforms (the entry points pick the
+reference backend there). bfloat16 runs ATen's bfloat16 kernels, as native autograd does: each
+GEMM and each reduction accumulates in float32 and rounds once, each activation kernel computes
+in float32 and rounds once. The one difference from the reference's float32 compute is
+δˡ⁻¹ = f′ ⊙ (δˡ Wˡ), rounded after the GEMM and again after the product (native rounds the
+same two times; for relu/leaky_relu the second rounding is exact) — within the bfloat16
+tolerances the tests hold both to. float16 keeps the reference (CPU float16 GEMMs are slow).
 """
 
 from __future__ import annotations
@@ -32,9 +37,17 @@ from torch import Tensor
 from manualbp.activations import Activation
 from manualbp.backends import reference
 
-__all__ = ["Workspace", "delta", "fast_ok", "linear_backward", "linear_forward"]
+__all__ = [
+    "Workspace",
+    "delta",
+    "delta_into",
+    "fast_ok",
+    "layer_forward",
+    "linear_backward",
+    "linear_forward",
+]
 
-FAST_DTYPES = (torch.float32, torch.float64)
+FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 _aten = torch.ops.aten
 _threshold_bw = _aten.threshold_backward.default
@@ -56,7 +69,7 @@ _SOFTPLUS_THRESHOLD = 20.0  # as activations._softplus_grad and F.softplus's def
 
 
 def fast_ok(x: Tensor) -> bool:
-    """Whether the fast path runs for this input: a CPU tensor of float32 or float64."""
+    """Whether the fast path runs for this input: a CPU tensor of float32, float64 or bfloat16."""
     return x.device.type == "cpu" and x.dtype in FAST_DTYPES
 
 
@@ -125,6 +138,60 @@ def delta(act: Activation, grad: Tensor, saved: Tensor, out: Tensor | None = Non
     return fn(grad, saved, out, act)
 
 
+DeltaFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def delta_into(act: Activation) -> DeltaFn | None:
+    """`delta` for one activation, bound once: (grad, saved, out) -> δ written into `out` (which
+    may be `grad` itself). None for identity, whose δ is the gradient itself."""
+    name = act.name
+    if name == "identity":
+        return None
+    if name == "relu":
+        return lambda g, s, o: _threshold_bw_out(g, s, 0, grad_input=o)
+    if name == "gelu":
+        return lambda g, s, o: _gelu_bw_out(g, s, grad_input=o)
+    if name == "tanh":
+        return lambda g, s, o: _tanh_bw_out(g, s, grad_input=o)
+    if name == "sigmoid":
+        return lambda g, s, o: _sigmoid_bw_out(g, s, grad_input=o)
+    if name == "silu":
+        return lambda g, s, o: _silu_bw_out(g, s, grad_input=o)
+    fn = _DELTAS[name]
+    return lambda g, s, o: fn(g, s, o, act)
+
+
+LayerFn = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+
+
+def layer_forward(act: Activation) -> LayerFn:
+    """`linear_forward` for one activation, bound once: (x, weight, bias) -> (a, saved)."""
+    inplace = _INPLACE.get(act.name)
+    if act.name == "identity":
+
+        def identity(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            return z, z
+
+        return identity
+    if inplace is not None:
+
+        def output_derivable(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            a = inplace(z, act)
+            return a, a
+
+        return output_derivable
+    f = act.f
+    slope = act.negative_slope
+
+    def from_z(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+        z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        return f(z, slope), z
+
+    return from_z
+
+
 # ------------------------------------------------------------------------------ one layer
 
 _INPLACE: dict[str, Callable[[Tensor, Activation], Tensor]] = {
@@ -136,7 +203,7 @@ _INPLACE: dict[str, Callable[[Tensor, Activation], Tensor]] = {
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> tuple[Tensor, Tensor]:
-    """(a, saved) as :func:`manualbp.backends.reference.linear_forward`, for float32/float64.
+    """(a, saved) as :func:`manualbp.backends.reference.linear_forward`, on the fast dtypes.
 
     z is the GEMM's own fresh result, so output-derivable activations overwrite it in place.
     """

@@ -46,6 +46,26 @@ def test_fast_delta_equals_oracle(name, dtype):
     torch.testing.assert_close(inplace, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ACTS)
+def test_bound_delta_equals_oracle(name, dtype):
+    """The sweep's bound δ kernels (fast.delta_into), written over the gradient as the sweep does."""
+    act = get_activation(name)
+    bound = fast.delta_into(act)
+    if name == "identity":
+        assert bound is None  # the sweep uses the gradient itself
+        return
+    gen = torch.Generator().manual_seed(2)
+    z = (torch.randn(23, 17, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    grad = torch.randn(23, 17, generator=gen, dtype=torch.float64).to(dtype)
+    saved = _saved(act, z)
+    want = act.delta(grad.double(), saved.double())  # the oracle in float64 on the same values
+    inplace = grad.clone()
+    assert bound(inplace, saved, inplace) is inplace
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(inplace.double(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("name", ACTS)
 def test_fast_delta_edge_values(name):
     """NaN/Inf/threshold semantics: where the oracle is NaN, Inf or exactly 0, so is the kernel."""
@@ -87,8 +107,9 @@ def _grads(model, x):
 
 
 def test_workspace_reused_and_never_handed_out():
-    model = mbp.MLP([6, 8, 8, 3], "gelu", dtype=torch.float64)
-    x = torch.randn(10, 6, dtype=torch.float64)
+    # δ temporaries of 256 KiB and more reuse buffers (smaller ones are allocated fresh).
+    model = mbp.MLP([6, 256, 256, 3], "gelu", dtype=torch.float64)
+    x = torch.randn(128, 6, dtype=torch.float64)
     first = _grads(model, x)
     held = model._workspace.nbytes
     assert held > 0  # the sweep gave its δ buffers back

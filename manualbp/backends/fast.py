@@ -147,16 +147,14 @@ def delta_into(act: Activation) -> DeltaFn | None:
     name = act.name
     if name == "identity":
         return None
+    # The overloads' C++ callables (`_op`): an OpOverload's own __call__ is a Python frame more.
     if name == "relu":
-        return lambda g, s, o: _threshold_bw_out(g, s, 0, grad_input=o)
-    if name == "gelu":
-        return lambda g, s, o: _gelu_bw_out(g, s, grad_input=o)
-    if name == "tanh":
-        return lambda g, s, o: _tanh_bw_out(g, s, grad_input=o)
-    if name == "sigmoid":
-        return lambda g, s, o: _sigmoid_bw_out(g, s, grad_input=o)
-    if name == "silu":
-        return lambda g, s, o: _silu_bw_out(g, s, grad_input=o)
+        relu = _threshold_bw_out._op
+        return lambda g, s, o: relu(g, s, 0, grad_input=o)
+    simple = {"gelu": _gelu_bw_out, "tanh": _tanh_bw_out, "sigmoid": _sigmoid_bw_out, "silu": _silu_bw_out}
+    if name in simple:
+        op = simple[name]._op
+        return lambda g, s, o: op(g, s, grad_input=o)
     fn = _DELTAS[name]
     return lambda g, s, o: fn(g, s, o, act)
 

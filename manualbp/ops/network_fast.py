@@ -80,6 +80,12 @@ def sweep_for(acts: tuple[Activation, ...], has_bias: tuple[bool, ...]) -> Sweep
     return Sweep(acts, has_bias)
 
 
+# Below this many bytes per δ temporary the sweep allocates them fresh, as native autograd does:
+# the allocator serves such sizes from its free lists at once, cheaper than the bookkeeping of
+# reuse. Above it (the allocator's mmap range: fresh pages, faults) it reuses buffers.
+REUSE_BYTES = 256 * 1024
+
+
 def fast_sweep(
     spec: Sweep,
     needs: tuple[bool, ...],
@@ -102,11 +108,15 @@ def fast_sweep(
     if not visits:
         return (None, None, *grads)
     rows = grad_out.shape[0]
-    free: list[Tensor] = []  # flat buffers this sweep may overwrite (at most two are held)
+    free: list[Tensor] | None = None  # flat buffers this sweep may overwrite (at most two held)
     borrowed = None
-    if workspace is not None and buffered and rows:
-        borrowed = workspace.take(rows * max(params[i].shape[1] for i in buffered), grad_out)
-        free.append(borrowed)
+    if buffered and rows:
+        numel = rows * max(params[i].shape[1] for i in buffered)
+        if numel * grad_out.element_size() >= REUSE_BYTES:
+            free = []
+            if workspace is not None:
+                borrowed = workspace.take(numel, grad_out)
+                free.append(borrowed)
     try:
         top = spec.depth - 1
         top_delta, top_kept = spec.deltas[top], kept[top]
@@ -115,7 +125,7 @@ def fast_sweep(
             d = grad_out
         elif release and not spec.top_is_output:
             d = top_delta(grad_out, top_kept, top_kept)  # type: ignore[arg-type]  # over the kept z
-            d_buf = top_kept.view(-1)  # type: ignore[union-attr]
+            d_buf = top_kept.view(-1) if free is not None else None  # type: ignore[union-attr]
         else:
             d = fast.delta(spec.acts[top], grad_out, top_kept)  # type: ignore[arg-type]
         del top_kept
@@ -126,8 +136,8 @@ def fast_sweep(
             if need_weight:
                 a_in = _layer_input(x, spec.acts, kept, layer)
                 grads[wi] = torch.mm(d.t(), a_in)
-                if release and layer > 0 and a_in is not kept[layer - 1] and len(free) < 2:
-                    free.append(a_in.view(-1))  # a recomputed f(z): a temporary of ours
+                if free is not None and release and layer > 0 and a_in is not kept[layer - 1]:
+                    _hold(free, a_in)  # a recomputed f(z): a temporary of ours
                 del a_in
             if need_bias:
                 grads[bi] = d.sum(0)
@@ -137,30 +147,39 @@ def fast_sweep(
             if layer == 0:
                 grad_x = torch.mm(d, weight)  # handed to autograd: a fresh tensor
                 continue
-            width = weight.shape[1]
-            n = rows * width
-            for i, b in enumerate(free):
-                if b.numel() >= n:
-                    g_buf = free.pop(i)
-                    break
+            if free is None:
+                g = torch.mm(d, weight)
             else:
-                g_buf = grad_out.new_empty(n)
-            g = torch.mm(d, weight, out=g_buf[:n].view(rows, width))
-            if d_buf is not None:
-                free.append(d_buf)
-            d_buf = g_buf
+                width = weight.shape[1]
+                n = rows * width
+                g_buf = _take(free, n, grad_out)
+                g = torch.mm(d, weight, out=g_buf[:n].view(rows, width))
+                if d_buf is not None:
+                    free.append(d_buf)
+                d_buf = g_buf
             prev_delta = spec.deltas[layer - 1]
             d = g if prev_delta is None else prev_delta(g, kept[layer - 1], g)  # type: ignore[arg-type]
             if release:
-                done = kept[layer - 1]
+                if free is not None:
+                    _hold(free, kept[layer - 1])
                 kept[layer - 1] = None
-                if done is not None and len(free) < 2:
-                    free.append(done.view(-1))
-                del done
         return (grad_x, None, *grads)
     finally:
         if borrowed is not None:
             workspace.give(borrowed)
+
+
+def _take(free: list[Tensor], numel: int, like: Tensor) -> Tensor:
+    for i, b in enumerate(free):
+        if b.numel() >= numel:
+            return free.pop(i)
+    return like.new_empty(numel)
+
+
+def _hold(free: list[Tensor], t: Tensor | None) -> None:
+    # At most two spare buffers are held (δ needs one per step); the rest are freed now.
+    if t is not None and len(free) < 2:
+        free.append(t.view(-1))
 
 
 def _layer_input(x: Tensor, acts: Sequence[Activation], kept: list[Tensor | None], layer: int) -> Tensor:

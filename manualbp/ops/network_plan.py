@@ -73,7 +73,9 @@ class FastPlan:
         self.n_in = self.entries[0][1].shape[1]
         self.n_out = self.entries[-1][1].shape[0]
         self.sweep = Sweep(acts, [b is not None for b in biases])
-        self.layer_fns = tuple(fast.layer_forward(act) for act in acts)
+        self.steps = tuple(
+            (fast.layer_forward(act), wi, bi) for act, (wi, bi) in zip(acts, self.sweep.index)
+        )
         self.keeps_last = acts[-1].name != "identity"
         self.last_is_output = self.keeps_last and acts[-1].uses_output
         # The general node's plan: create_graph and forward-mode AD run its reference loops.
@@ -155,7 +157,7 @@ class FastMLPFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, plan: FastPlan, *params: Tensor) -> Tensor:
         a = x
         kept: list[Tensor | None] = []
-        for fn, (wi, bi) in zip(plan.layer_fns, plan.sweep.index):
+        for fn, wi, bi in plan.steps:
             a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
             kept.append(saved)
         if not plan.keeps_last:

@@ -20,9 +20,12 @@ from torch import Tensor, nn
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.fast import Workspace
+from manualbp.ops.linear_fast import fast_linear
 from manualbp.ops.network_plan import plan_for
 
 __all__ = ["GatedMLP", "Linear", "LinearAct", "MLP", "TransposedLinear"]
+
+_IDENTITY = get_activation("identity")
 
 
 def _check_features(name: str, value: Any) -> int:
@@ -69,7 +72,9 @@ class Linear(nn.Linear):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        return MF.linear(input, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        out = fast_linear(input, weight, bias, _IDENTITY)  # None off the CPU fast path
+        return MF.linear(input, weight, bias) if out is None else out
 
 
 class LinearAct(nn.Module):
@@ -113,7 +118,9 @@ class LinearAct(nn.Module):
         _reset_linear(self.weight, self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return MF.linear(input, self.weight, self.bias, self.act)
+        weight, bias = self.weight, self.bias
+        out = fast_linear(input, weight, bias, self.act)  # None off the CPU fast path
+        return MF.linear(input, weight, bias, self.act) if out is None else out
 
     def extra_repr(self) -> str:
         text = (

@@ -179,3 +179,36 @@ def test_in_place_change_of_the_output_is_caught():
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "gelu", "tanh"])
+def test_layer_module_fast_node_matches_native(name):
+    """LinearAct/Linear on the CPU fast path (manualbp.ops.linear_fast): first and second order
+    and forward-mode tangents equal native autograd's in float64."""
+    torch.manual_seed(0)
+    layer = mbp.LinearAct(5, 4, name, dtype=torch.float64)
+    lin = torch.nn.Linear(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight)
+        lin.bias.copy_(layer.bias)
+    native = torch.nn.Sequential(lin, get_activation(name).native())
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    node = out.grad_fn.next_functions[0][0]  # behind the view restoring the leading dims
+    assert type(node).__name__ == "FastLinearActFunctionBackward"
+    ref = native(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad(out.sin().sum(), [x, *layer.parameters()], create_graph=True)
+    theirs = torch.autograd.grad(ref.sin().sum(), [x, *native.parameters()], create_graph=True)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    second = torch.autograd.grad(ours[0].square().sum(), x)[0]  # through the differentiable backward
+    torch.testing.assert_close(second, torch.autograd.grad(theirs[0].square().sum(), x)[0],
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
+        want = fwAD.unpack_dual(native(fwAD.make_dual(x.detach(), tangent))).tangent
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -135,7 +135,7 @@ def test_frozen_parameters(activation, frozen):
 def test_backward_stops_at_lowest_needed_layer(monkeypatch):
     # The reference loop (the CPU fast path off); test_fast_path_stops_at_lowest_needed_layer
     # holds the fast sweep to the same.
-    monkeypatch.setattr(fast, "fast_ok", lambda x: False)
+    monkeypatch.setattr(fast, "network_ok", lambda x: False)
     calls: list[tuple[int, bool]] = []
     real = network.reference_step
 

@@ -13,15 +13,14 @@ step cheap, and nothing else:
 * GEMMs that write where the result is needed (`out=`), including back into a reused workspace
   (:class:`Workspace`) for the δ temporaries of the network-mode sweep.
 
-It runs only where it means what the reference means and is cheaper: CPU tensors of float32,
-float64 and bfloat16, first order (the Functions take the differentiable reference path when
-grad mode is on in backward), and never under torch.func transforms (the entry points pick the
-reference backend there). bfloat16 runs ATen's bfloat16 kernels, as native autograd does: each
-GEMM and each reduction accumulates in float32 and rounds once, each activation kernel computes
-in float32 and rounds once. The one difference from the reference's float32 compute is
-δˡ⁻¹ = f′ ⊙ (δˡ Wˡ), rounded after the GEMM and again after the product (native rounds the
-same two times; for relu/leaky_relu the second rounding is exact) — within the bfloat16
-tolerances the tests hold both to. float16 keeps the reference (CPU float16 GEMMs are slow).
+It runs only where it means what the reference means and is cheaper: CPU tensors of float32
+and float64, first order (the Functions take the differentiable reference path when grad mode
+is on in backward), and never under torch.func transforms (the entry points pick the reference
+backend there). The network-mode MLP also runs it for bfloat16 (:func:`network_ok`): ATen's
+bfloat16 kernels, rounding as native autograd rounds — z after the GEMM, then f(z); δ after the
+GEMM, then after f′ (exact for relu) — where the reference computes each layer in float32 and
+rounds once. Both are held to native within the bfloat16 tolerances. The single layer keeps the
+reference for 16-bit storage: it promises one rounding of f(x Wᵀ + b) (tests/test_autocast.py).
 """
 
 from __future__ import annotations
@@ -43,11 +42,13 @@ __all__ = [
     "delta_into",
     "fast_ok",
     "layer_forward",
+    "network_ok",
     "linear_backward",
     "linear_forward",
 ]
 
-FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+FAST_DTYPES = (torch.float32, torch.float64)
+NETWORK_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 _aten = torch.ops.aten
 _threshold_bw = _aten.threshold_backward.default
@@ -69,8 +70,13 @@ _SOFTPLUS_THRESHOLD = 20.0  # as activations._softplus_grad and F.softplus's def
 
 
 def fast_ok(x: Tensor) -> bool:
-    """Whether the fast path runs for this input: a CPU tensor of float32, float64 or bfloat16."""
+    """Whether the fast path runs for this input: a CPU tensor of float32 or float64."""
     return x.device.type == "cpu" and x.dtype in FAST_DTYPES
+
+
+def network_ok(x: Tensor) -> bool:
+    """Whether the network-mode fast path runs for this input: CPU float32, float64, bfloat16."""
+    return x.device.type == "cpu" and x.dtype in NETWORK_DTYPES
 
 
 def swap(backend: ModuleType, x: Tensor) -> ModuleType:

@@ -408,9 +408,9 @@ def mlp_network(
 
     The caller checks shapes and dtypes (the modules do); `backend` is a resolved backend module.
     The reference backend runs its first-order fast path (:mod:`manualbp.backends.fast`) for
-    CPU float32/float64 inputs; `workspace` (the module's) lends that path its δ buffers.
+    CPU float32/float64/bfloat16 inputs; `workspace` (the module's) lends it its δ buffers.
     """
-    if backend is reference and fast.fast_ok(x):
+    if backend is reference and fast.network_ok(x):
         backend = fast
     if not (len(weights) == len(biases) == len(acts) > 0):
         raise ValueError(

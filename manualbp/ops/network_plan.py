@@ -135,7 +135,7 @@ def plan_for(mlp: Any, x: Tensor, workspace: Any, layer_type: type) -> FastPlan 
 
     Every layer must be exactly `layer_type` (`manualbp.LinearAct`: a subclass may compute
     something else)."""
-    if not isinstance(x, Tensor) or not fast.fast_ok(x):
+    if not isinstance(x, Tensor) or not fast.network_ok(x):
         return None
     container = mlp._modules.get("layers")
     layers = list(container._modules.values()) if container is not None else []

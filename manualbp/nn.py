@@ -47,6 +47,17 @@ def _reset_linear(weight: Tensor, bias: Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _fast_layer(layer: nn.Module, input: Tensor, act: Activation) -> Tensor | None:
+    """The layer on the CPU fast path (manualbp.ops.linear_fast), or None where it does not run.
+
+    The parameters are read from the layer's own dict (no nn.Module.__getattr__); a weight or
+    bias that is not there (parametrized, pruned) sends the call down the general path."""
+    params = layer._parameters
+    if "weight" not in params or "bias" not in params:
+        return None
+    return fast_linear(input, params["weight"], params["bias"], act)  # type: ignore[arg-type]
+
+
 class Linear(nn.Linear):
     """y = x Wᵀ + b with a hand-written backward: a true drop-in for `torch.nn.Linear`.
 
@@ -72,9 +83,8 @@ class Linear(nn.Linear):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        out = fast_linear(input, weight, bias, _IDENTITY)  # None off the CPU fast path
-        return MF.linear(input, weight, bias) if out is None else out
+        out = _fast_layer(self, input, _IDENTITY)
+        return MF.linear(input, self.weight, self.bias) if out is None else out
 
 
 class LinearAct(nn.Module):
@@ -118,9 +128,8 @@ class LinearAct(nn.Module):
         _reset_linear(self.weight, self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        out = fast_linear(input, weight, bias, self.act)  # None off the CPU fast path
-        return MF.linear(input, weight, bias, self.act) if out is None else out
+        out = _fast_layer(self, input, self.act)
+        return MF.linear(input, self.weight, self.bias, self.act) if out is None else out
 
     def extra_repr(self) -> str:
         text = (

@@ -39,6 +39,7 @@ from manualbp.backends import reference
 __all__ = [
     "Workspace",
     "delta",
+    "delta_fresh",
     "delta_into",
     "fast_ok",
     "layer_forward",
@@ -163,6 +164,19 @@ def delta_into(act: Activation) -> DeltaFn | None:
         return lambda g, s, o: op(g, s, grad_input=o)
     fn = _DELTAS[name]
     return lambda g, s, o: fn(g, s, o, act)
+
+
+def delta_fresh(act: Activation) -> Callable[[Tensor, Tensor], Tensor]:
+    """`delta` for one activation, bound once: (grad, saved) -> δ as a fresh tensor."""
+    name = act.name
+    if name == "relu":
+        relu = _threshold_bw._op
+        return lambda g, s: relu(g, s, 0)
+    simple = {"gelu": _gelu_bw, "tanh": _tanh_bw, "sigmoid": _sigmoid_bw, "silu": _silu_bw}
+    if name in simple:
+        op = simple[name]._op
+        return lambda g, s: op(g, s)
+    return lambda g, s: delta(act, g, s)
 
 
 LayerFn = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]

@@ -68,7 +68,7 @@ def cell(batch: int, width: int, depth: int, activation: str, dtype: torch.dtype
     for mode in modes:
         model = mbp.MLP(sizes, activation, dtype=dtype, mode=mode)
         with torch.no_grad():
-            for layer, lin in zip(model.layers, native[::2], strict=True):
+            for layer, lin in zip(model.layers, list(native)[::2], strict=True):
                 layer.weight.copy_(lin.weight)
                 layer.bias.copy_(lin.bias)
         models[mode] = model
@@ -87,6 +87,31 @@ def cell(batch: int, width: int, depth: int, activation: str, dtype: torch.dtype
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def layer_cell(shape: str, activation: str, dtype: torch.dtype, rounds: int, block_s: float
+               ) -> tuple[float, float]:  # fmt: skip
+    """Median seconds of `LinearAct` fwd+bwd (x requires grad) and of nn.Linear + activation."""
+    m, n, k = (int(v) for v in shape.split("x"))
+    torch.manual_seed(0)
+    ours = mbp.LinearAct(k, n, activation, dtype=dtype)
+    lin = nn.Linear(k, n, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(ours.weight)
+        lin.bias.copy_(ours.bias)
+    native = nn.Sequential(lin, mbp.get_activation(activation).native())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(m, n, generator=gen).to(dtype)
+    steps = {"native": lambda: native(x).backward(grad), "ours": lambda: ours(x).backward(grad)}
+    for fn in steps.values():
+        fn()
+    count = max(2, math.ceil(block_s / max(_block(steps["native"], 2), 1e-6)))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name in ("native", "ours") if r % 2 == 0 else ("ours", "native"):
+            times[name].append(_block(steps[name], count))
+    return statistics.median(times["native"]), statistics.median(times["ours"])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 256, 1024])
@@ -99,9 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--block-ms", type=float, default=40.0, help="CPU time per timed block")
     p.add_argument("--out", type=Path, help="markdown file the table is appended to")
+    p.add_argument("--layer-shapes", nargs="+", default=[], help="MxNxK: time LinearAct fwd+bwd")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.layer_shapes:
+        _layers(args, dtype)
+        return
     head = "| batch | width | depth | act | dtype | threads | native ms |"
     head += "".join(f" {m} ms | {m} × native |" for m in args.modes)
     lines = [head, "|" + " --- |" * (6 + 1 + 2 * len(args.modes))]
@@ -132,6 +161,23 @@ def main(argv: list[str] | None = None) -> None:
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         text = [f"\n### {args.dtype}, {args.threads} thread(s)\n", f"- command: `{command}`",
                 f"- date: {when}; torch {torch.__version__}", *summary, "", *lines, ""]  # fmt: skip
+        with args.out.open("a") as f:
+            f.write("\n".join(text))
+
+
+def _layers(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    lines = ["| shape MxNxK | act | dtype | threads | native ms | LinearAct ms | × native |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for shape in args.layer_shapes:
+        for activation in args.activations:
+            t_native, t_ours = layer_cell(shape, activation, dtype, args.rounds, args.block_ms / 1e3)
+            lines.append(f"| {shape} | {activation} | {args.dtype} | {args.threads} | "
+                         f"{t_native * 1e3:.4f} | {t_ours * 1e3:.4f} | {t_native / t_ours:.3f} |")
+            print(lines[-1], flush=True)
+    if args.out is not None:
+        command = "python experiments/bench_cpu_ab.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        text = ["\n### LinearAct fwd+bwd\n", f"- command: `{command}`", f"- date: {when}", "", *lines, ""]
         with args.out.open("a") as f:
             f.write("\n".join(text))
 

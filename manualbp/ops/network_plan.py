@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from manualbp import backends
 from manualbp.backends import fast, reference
-from manualbp.ops._common import autocast_on, no_autocast
+from manualbp.ops._common import no_autocast
 from manualbp.ops.network import NetworkPlan, differentiable_backward, network_tangent
 from manualbp.ops.network_fast import Sweep, fast_sweep
 
@@ -70,6 +70,19 @@ class FastPlan:
         self.params: tuple[Tensor, ...] = tuple(
             p for _, w, b, _ in self.entries for p in ((w,) if b is None else (w, b))
         )
+        # What admits() reads, held directly: a module's hook dicts, its parameter dict and its
+        # __dict__ are its own for life (registering, replacing or deleting changes their
+        # contents), so holding them saves an attribute lookup each per call.
+        self.modules, self.layers = container._modules, tuple(layers)
+        self.hooks = tuple(
+            d
+            for layer in layers
+            for d in (layer._forward_hooks, layer._forward_pre_hooks, layer._backward_hooks,
+                      layer._backward_pre_hooks)
+        )  # fmt: skip
+        self.checks = tuple(
+            (layer._parameters, w, b, layer.__dict__, act) for layer, w, b, act in self.entries
+        )
         self.n_in = self.entries[0][1].shape[1]
         self.n_out = self.entries[-1][1].shape[0]
         self.sweep = Sweep(acts, [b is not None for b in biases])
@@ -94,27 +107,20 @@ class FastPlan:
             return False
         if mlp.mode != "network" or mlp.recompute or mlp._modules.get("layers") is not self.container:
             return False
-        if any(_GLOBAL_HOOKS) or torch.compiler.is_compiling() or _transforms_active():
+        if any(_GLOBAL_HOOKS) or any(self.hooks) or torch.compiler.is_compiling() or _transforms_active():
             return False
         if torch.is_autocast_enabled("cpu") or backends.get_backend() == "triton":
             return False
-        modules = self.container._modules
-        if len(modules) != self.depth:
+        if tuple(self.modules.values()) != self.layers:
             return False
-        dtype = self.dtype
-        for layer, (ref, weight, bias, act) in zip(modules.values(), self.entries):
-            if layer is not ref or layer.act is not act:
-                return False
-            if layer._forward_hooks or layer._forward_pre_hooks:
-                return False
-            if layer._backward_hooks or layer._backward_pre_hooks:
-                return False
-            params = layer._parameters
+        for params, weight, bias, attrs, act in self.checks:
             if params.get("weight") is not weight or params.get("bias") is not bias:
                 return False
-            if weight.dtype is not dtype or not weight.is_cpu:
+            if attrs.get("act") is not act:
                 return False
-            if bias is not None and (bias.dtype is not dtype or not bias.is_cpu):
+        dtype = self.dtype
+        for p in self.params:  # module.to() swaps each parameter's data in place
+            if p.dtype is not dtype or not p.is_cpu:
                 return False
         return True
 
@@ -198,7 +204,7 @@ class FastMLPFunction(torch.autograd.Function):
             layers = plan.reference.split(params)
             return differentiable_backward(ctx.needs_input_grad, plan.reference, x, kept, layers, grad_out)
         needs = ctx.needs_input_grad
-        if autocast_on("cpu"):
+        if torch.is_autocast_enabled("cpu"):
             with no_autocast("cpu"):
                 return fast_sweep(plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace)
         return fast_sweep(plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace)

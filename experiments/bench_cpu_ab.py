@@ -2,10 +2,11 @@
 
 On a shared machine wall-clock timings drift with the neighbours' load, so every cell is timed
 in one process, as alternating blocks (native, manualbp, native, ... in alternating order) of
-the same number of steps, with the process's CPU time (`time.process_time`), and the medians
-are compared: speed = native median ÷ manualbp median (> 1 is faster). A step is what
-`python -m manualbp.bench --suites mlp` times: zero_grad, forward, MSE loss, backward, SGD step;
-both models hold the same parameter values. `--modes` adds manualbp's per-layer mode.
+the same number of steps, with the process's CPU time (`time.process_time`; wall time with
+more than one thread), and the medians are compared: speed = native median ÷ manualbp median
+(> 1 is faster). A step is what `python -m manualbp.bench --suites mlp` times: zero_grad,
+forward, MSE loss, backward, SGD step; both models hold the same parameter values. `--modes`
+adds manualbp's per-layer mode; `--layer-shapes` times `LinearAct` fwd+bwd instead.
 
 Not a test: run it by hand, e.g.
 
@@ -51,11 +52,16 @@ def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[
     return step
 
 
+# The process's CPU time with one thread; with more, wall time: CPU time would count the
+# intra-op pool's spin-waiting as work.
+_clock = time.process_time
+
+
 def _block(fn: Callable[[], None], n: int) -> float:
-    start = time.process_time()
+    start = _clock()
     for _ in range(n):
         fn()
-    return (time.process_time() - start) / n
+    return (_clock() - start) / n
 
 
 def cell(batch: int, width: int, depth: int, activation: str, dtype: torch.dtype, modes: list[str],
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer-shapes", nargs="+", default=[], help="MxNxK: time LinearAct fwd+bwd")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global _clock
+    _clock = time.process_time if args.threads == 1 else time.perf_counter
     dtype = getattr(torch, args.dtype)
     if args.layer_shapes:
         _layers(args, dtype)

@@ -20,15 +20,17 @@ identity activation keeps nothing at all. Native autograd keeps both z and a for
 layers, so this is half its activation memory. With `recompute=True` only the block input is kept
 and backward reruns the forward first (activation checkpointing of the whole block).
 
-Peak memory: on the CPU fast path (:mod:`manualbp.ops.network_fast`, float32/float64, first
-order, graph not retained) each layer's kept tensor is dropped as soon as the sweep has used it,
+Peak memory: on the CPU fast path (:mod:`manualbp.ops.network_fast`, float32/float64/bfloat16,
+first order, graph not retained) each layer's kept tensor is dropped as soon as the sweep has used it,
 and its storage may take the next δ, so the kept tensors do not pile up next to the parameter
 gradients; experiments/bench_memory.py measures the peak at or below native's. Elsewhere (the
-Triton and 16-bit paths, retain_graph=True, saved-tensor hooks active) the kept tensors are saved
+Triton and float16 paths, retain_graph=True, saved-tensor hooks active) the kept tensors are saved
 tensors, released when this node's backward returns.
 
-For 16-bit storage the recomputed a = f(z) starts from the stored (rounded) z, where forward
-rounded f of the float32 z: the two can differ in the last bit. In float32/float64 they are equal.
+On the reference path, for 16-bit storage the recomputed a = f(z) starts from the stored
+(rounded) z, where forward rounded f of the float32 z: the two can differ in the last bit. In
+float32/float64, and on the bfloat16 fast path (which rounds z first, as native), they are equal.
+`MLP` modules run the fast path through a cached plan (:mod:`manualbp.ops.network_plan`).
 """
 
 from __future__ import annotations

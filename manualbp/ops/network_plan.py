@@ -4,7 +4,8 @@ A train step of a small MLP on a CPU is mostly Python and dispatcher overhead: a
 the GEMMs are a few microseconds each. So everything :func:`manualbp.ops.network.mlp` works out
 per call — argument checks, the backend, the flat parameter list, each layer's bound kernels,
 which layers backward visits — is worked out here once per module and kept in a
-:class:`NetworkPlan` of the fast path (:class:`FastPlan`) that the module holds.
+:class:`FastPlan` that the module holds (CPU float32, float64 and bfloat16: the dtypes of
+:func:`manualbp.backends.fast.network_ok`).
 
 A plan must never give a wrong number, so before each use :meth:`FastPlan.admits` checks, in a
 few dozen attribute reads, everything it was built on: the module's mode, its layer list, each

@@ -20,8 +20,12 @@ from torch import Tensor, nn
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.fast import Workspace
+from manualbp.ops.linear_fast import fast_linear
+from manualbp.ops.network_plan import plan_for
 
 __all__ = ["GatedMLP", "Linear", "LinearAct", "MLP", "TransposedLinear"]
+
+_IDENTITY = get_activation("identity")
 
 
 def _check_features(name: str, value: Any) -> int:
@@ -41,6 +45,17 @@ def _reset_linear(weight: Tensor, bias: Tensor | None) -> None:
         fan_in = weight.shape[1]
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)
+
+
+def _fast_layer(layer: nn.Module, input: Tensor, act: Activation) -> Tensor | None:
+    """The layer on the CPU fast path (manualbp.ops.linear_fast), or None where it does not run.
+
+    The parameters are read from the layer's own dict (no nn.Module.__getattr__); a weight or
+    bias that is not there (parametrized, pruned) sends the call down the general path."""
+    params = layer._parameters
+    if "weight" not in params or "bias" not in params:
+        return None
+    return fast_linear(input, params["weight"], params["bias"], act)  # type: ignore[arg-type]
 
 
 class Linear(nn.Linear):
@@ -68,7 +83,8 @@ class Linear(nn.Linear):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        return MF.linear(input, self.weight, self.bias)
+        out = _fast_layer(self, input, _IDENTITY)
+        return MF.linear(input, self.weight, self.bias) if out is None else out
 
 
 class LinearAct(nn.Module):
@@ -112,7 +128,8 @@ class LinearAct(nn.Module):
         _reset_linear(self.weight, self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return MF.linear(input, self.weight, self.bias, self.act)
+        out = _fast_layer(self, input, self.act)
+        return MF.linear(input, self.weight, self.bias, self.act) if out is None else out
 
     def extra_repr(self) -> str:
         text = (
@@ -225,6 +242,15 @@ class MLP(nn.Module):
             layer.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
+        # The CPU fast path, planned once (manualbp.ops.network_plan): the plan checks that it
+        # still holds (parameters, dtypes, hooks, mode, ...) and otherwise the general path runs.
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.admits(self, input):
+            return plan(input)
+        plan = plan_for(self, input, getattr(self, "_workspace", None), LinearAct)
+        self.__dict__["_plan"] = plan
+        if plan is not None:
+            return plan(input)
         # While a graph is captured (torch.compile/export) the per-layer path runs: each layer is
         # then one `manualbp::` custom op, which the tracer can handle. So it does when a layer
         # must be called as a module (hooks, parametrizations, pruning, FSDP).

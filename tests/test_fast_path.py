@@ -46,6 +46,26 @@ def test_fast_delta_equals_oracle(name, dtype):
     torch.testing.assert_close(inplace, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ACTS)
+def test_bound_delta_equals_oracle(name, dtype):
+    """The sweep's bound δ kernels (fast.delta_into), written over the gradient as the sweep does."""
+    act = get_activation(name)
+    bound = fast.delta_into(act)
+    if name == "identity":
+        assert bound is None  # the sweep uses the gradient itself
+        return
+    gen = torch.Generator().manual_seed(2)
+    z = (torch.randn(23, 17, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    grad = torch.randn(23, 17, generator=gen, dtype=torch.float64).to(dtype)
+    saved = _saved(act, z)
+    want = act.delta(grad.double(), saved.double())  # the oracle in float64 on the same values
+    inplace = grad.clone()
+    assert bound(inplace, saved, inplace) is inplace
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(inplace.double(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("name", ACTS)
 def test_fast_delta_edge_values(name):
     """NaN/Inf/threshold semantics: where the oracle is NaN, Inf or exactly 0, so is the kernel."""
@@ -87,8 +107,9 @@ def _grads(model, x):
 
 
 def test_workspace_reused_and_never_handed_out():
-    model = mbp.MLP([6, 8, 8, 3], "gelu", dtype=torch.float64)
-    x = torch.randn(10, 6, dtype=torch.float64)
+    # δ temporaries of 256 KiB and more reuse buffers (smaller ones are allocated fresh).
+    model = mbp.MLP([6, 256, 256, 3], "gelu", dtype=torch.float64)
+    x = torch.randn(128, 6, dtype=torch.float64)
     first = _grads(model, x)
     held = model._workspace.nbytes
     assert held > 0  # the sweep gave its δ buffers back
@@ -158,3 +179,36 @@ def test_in_place_change_of_the_output_is_caught():
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "gelu", "tanh"])
+def test_layer_module_fast_node_matches_native(name):
+    """LinearAct/Linear on the CPU fast path (manualbp.ops.linear_fast): first and second order
+    and forward-mode tangents equal native autograd's in float64."""
+    torch.manual_seed(0)
+    layer = mbp.LinearAct(5, 4, name, dtype=torch.float64)
+    lin = torch.nn.Linear(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight)
+        lin.bias.copy_(layer.bias)
+    native = torch.nn.Sequential(lin, get_activation(name).native())
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    node = out.grad_fn.next_functions[0][0]  # behind the view restoring the leading dims
+    assert type(node).__name__ == "FastLinearActFunctionBackward"
+    ref = native(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad(out.sin().sum(), [x, *layer.parameters()], create_graph=True)
+    theirs = torch.autograd.grad(ref.sin().sum(), [x, *native.parameters()], create_graph=True)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    second = torch.autograd.grad(ours[0].square().sum(), x)[0]  # through the differentiable backward
+    torch.testing.assert_close(second, torch.autograd.grad(theirs[0].square().sum(), x)[0],
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
+        want = fwAD.unpack_dual(native(fwAD.make_dual(x.detach(), tangent))).tangent
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -353,12 +353,21 @@ def test_parity_callback_raises_on_a_broken_gradient(precision):
 def test_parity_callback_raises_when_delta_is_wrong(monkeypatch):
     # Break the seed's δ = ∂C/∂a ⊙ f′ itself, inside the hand-written backward, by 1%: the hidden
     # layer's gradients go wrong (native autograd never calls the registry's `delta`).
-    # The CPU fast path forms δ with ATen's kernels (manualbp.backends.fast.delta): broken too.
+    # The CPU fast path forms δ with ATen's kernels (manualbp.backends.fast.delta, and the kernels
+    # it binds once per model: delta_into, delta_fresh): broken too.
     correct = Activation.delta
     monkeypatch.setattr(Activation, "delta", lambda self, grad, saved: correct(self, grad, saved) * 1.01)
     correct_fast = fast.delta
     broken_fast = lambda act, grad, saved, out=None: correct_fast(act, grad, saved) * 1.01  # noqa: E731
     monkeypatch.setattr(fast, "delta", broken_fast)
+    correct_into, correct_fresh = fast.delta_into, fast.delta_fresh
+
+    def broken_into(act):
+        bound = correct_into(act)
+        return None if bound is None else (lambda g, s, o: bound(g, s, o).mul_(1.01))
+
+    monkeypatch.setattr(fast, "delta_into", broken_into)
+    monkeypatch.setattr(fast, "delta_fresh", lambda act: (lambda g, s: correct_fresh(act)(g, s) * 1.01))
     parity = GradientParityCallback(every_n_steps=1)
     with pytest.raises(RuntimeError, match=r"gradient parity: layers\.0\.weight differs .* at step 0"):
         _trainer(max_steps=2, precision="64-true", limit_val_batches=0, callbacks=[parity]).fit(

@@ -77,18 +77,25 @@ def _model(depth, activation, output, bias, dtype, **kw) -> mbp.MLP:
 def test_fast_path_stops_at_lowest_needed_layer(monkeypatch):
     inputs: list[int] = []
     deltas: list[int] = []
-    real_input, real_delta = network_fast._layer_input, fast.delta
+    real_input, real_delta_into = network_fast._layer_input, fast.delta_into
 
     def spy_input(x, acts, kept, layer):
         inputs.append(layer)
         return real_input(x, acts, kept, layer)
 
-    def spy_delta(act, grad, saved, out=None):
-        deltas.append(grad.shape[1])
-        return real_delta(act, grad, saved, out)
+    def spy_delta_into(act):
+        bound = real_delta_into(act)
+        if bound is None:
+            return None
+
+        def spy(grad, saved, out):
+            deltas.append(grad.shape[1])
+            return bound(grad, saved, out)
+
+        return spy
 
     monkeypatch.setattr(network_fast, "_layer_input", spy_input)
-    monkeypatch.setattr(fast, "delta", spy_delta)
+    monkeypatch.setattr(fast, "delta_into", spy_delta_into)  # bound when the model's plan is made
     model = mbp.MLP([7, 11, 5, 9, 6], "gelu", dtype=torch.float64)
     model.layers[0].requires_grad_(False)
     model.layers[1].requires_grad_(False)
@@ -128,7 +135,7 @@ def test_frozen_parameters(activation, frozen):
 def test_backward_stops_at_lowest_needed_layer(monkeypatch):
     # The reference loop (the CPU fast path off); test_fast_path_stops_at_lowest_needed_layer
     # holds the fast sweep to the same.
-    monkeypatch.setattr(fast, "fast_ok", lambda x: False)
+    monkeypatch.setattr(fast, "network_ok", lambda x: False)
     calls: list[tuple[int, bool]] = []
     real = network.reference_step
 

@@ -13,10 +13,14 @@ step cheap, and nothing else:
 * GEMMs that write where the result is needed (`out=`), including back into a reused workspace
   (:class:`Workspace`) for the δ temporaries of the network-mode sweep.
 
-It runs only where it is bitwise-equivalent in meaning to the reference and cheaper: CPU tensors
-of float32/float64 (16-bit storage keeps the reference's float32 compute), first order (the
-Functions take the differentiable reference path when grad mode is on in backward), and never
-under torch.func transforms (the entry points pick the reference backend there).
+It runs only where it means what the reference means and is cheaper: CPU tensors of float32
+and float64, first order (the Functions take the differentiable reference path when grad mode
+is on in backward), and never under torch.func transforms (the entry points pick the reference
+backend there). The network-mode MLP also runs it for bfloat16 (:func:`network_ok`): ATen's
+bfloat16 kernels, rounding as native autograd rounds — z after the GEMM, then f(z); δ after the
+GEMM, then after f′ (exact for relu) — where the reference computes each layer in float32 and
+rounds once. Both are held to native within the bfloat16 tolerances. The single layer keeps the
+reference for 16-bit storage: it promises one rounding of f(x Wᵀ + b) (tests/test_autocast.py).
 """
 
 from __future__ import annotations
@@ -32,9 +36,20 @@ from torch import Tensor
 from manualbp.activations import Activation
 from manualbp.backends import reference
 
-__all__ = ["Workspace", "delta", "fast_ok", "linear_backward", "linear_forward"]
+__all__ = [
+    "Workspace",
+    "delta",
+    "delta_fresh",
+    "delta_into",
+    "fast_ok",
+    "layer_forward",
+    "network_ok",
+    "linear_backward",
+    "linear_forward",
+]
 
 FAST_DTYPES = (torch.float32, torch.float64)
+NETWORK_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 _aten = torch.ops.aten
 _threshold_bw = _aten.threshold_backward.default
@@ -58,6 +73,11 @@ _SOFTPLUS_THRESHOLD = 20.0  # as activations._softplus_grad and F.softplus's def
 def fast_ok(x: Tensor) -> bool:
     """Whether the fast path runs for this input: a CPU tensor of float32 or float64."""
     return x.device.type == "cpu" and x.dtype in FAST_DTYPES
+
+
+def network_ok(x: Tensor) -> bool:
+    """Whether the network-mode fast path runs for this input: CPU float32, float64, bfloat16."""
+    return x.device.type == "cpu" and x.dtype in NETWORK_DTYPES
 
 
 def swap(backend: ModuleType, x: Tensor) -> ModuleType:
@@ -125,6 +145,71 @@ def delta(act: Activation, grad: Tensor, saved: Tensor, out: Tensor | None = Non
     return fn(grad, saved, out, act)
 
 
+DeltaFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def delta_into(act: Activation) -> DeltaFn | None:
+    """`delta` for one activation, bound once: (grad, saved, out) -> δ written into `out` (which
+    may be `grad` itself). None for identity, whose δ is the gradient itself."""
+    name = act.name
+    if name == "identity":
+        return None
+    # The overloads' C++ callables (`_op`): an OpOverload's own __call__ is a Python frame more.
+    if name == "relu":
+        relu = _threshold_bw_out._op
+        return lambda g, s, o: relu(g, s, 0, grad_input=o)
+    simple = {"gelu": _gelu_bw_out, "tanh": _tanh_bw_out, "sigmoid": _sigmoid_bw_out, "silu": _silu_bw_out}
+    if name in simple:
+        op = simple[name]._op
+        return lambda g, s, o: op(g, s, grad_input=o)
+    fn = _DELTAS[name]
+    return lambda g, s, o: fn(g, s, o, act)
+
+
+def delta_fresh(act: Activation) -> Callable[[Tensor, Tensor], Tensor]:
+    """`delta` for one activation, bound once: (grad, saved) -> δ as a fresh tensor."""
+    name = act.name
+    if name == "relu":
+        relu = _threshold_bw._op
+        return lambda g, s: relu(g, s, 0)
+    simple = {"gelu": _gelu_bw, "tanh": _tanh_bw, "sigmoid": _sigmoid_bw, "silu": _silu_bw}
+    if name in simple:
+        op = simple[name]._op
+        return lambda g, s: op(g, s)
+    return lambda g, s: delta(act, g, s)
+
+
+LayerFn = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+
+
+def layer_forward(act: Activation) -> LayerFn:
+    """`linear_forward` for one activation, bound once: (x, weight, bias) -> (a, saved)."""
+    inplace = _INPLACE.get(act.name)
+    if act.name == "identity":
+
+        def identity(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            return z, z
+
+        return identity
+    if inplace is not None:
+
+        def output_derivable(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            a = inplace(z, act)
+            return a, a
+
+        return output_derivable
+    f = act.f
+    slope = act.negative_slope
+
+    def from_z(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+        z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        return f(z, slope), z
+
+    return from_z
+
+
 # ------------------------------------------------------------------------------ one layer
 
 _INPLACE: dict[str, Callable[[Tensor, Activation], Tensor]] = {
@@ -136,7 +221,7 @@ _INPLACE: dict[str, Callable[[Tensor, Activation], Tensor]] = {
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activation) -> tuple[Tensor, Tensor]:
-    """(a, saved) as :func:`manualbp.backends.reference.linear_forward`, for float32/float64.
+    """(a, saved) as :func:`manualbp.backends.reference.linear_forward`, on the fast dtypes.
 
     z is the GEMM's own fresh result, so output-derivable activations overwrite it in place.
     """

@@ -20,15 +20,17 @@ identity activation keeps nothing at all. Native autograd keeps both z and a for
 layers, so this is half its activation memory. With `recompute=True` only the block input is kept
 and backward reruns the forward first (activation checkpointing of the whole block).
 
-Peak memory: on the CPU fast path (:mod:`manualbp.ops.network_fast`, float32/float64, first
-order, graph not retained) each layer's kept tensor is dropped as soon as the sweep has used it,
+Peak memory: on the CPU fast path (:mod:`manualbp.ops.network_fast`, float32/float64/bfloat16,
+first order, graph not retained) each layer's kept tensor is dropped as soon as the sweep has used it,
 and its storage may take the next δ, so the kept tensors do not pile up next to the parameter
 gradients; experiments/bench_memory.py measures the peak at or below native's. Elsewhere (the
-Triton and 16-bit paths, retain_graph=True, saved-tensor hooks active) the kept tensors are saved
+Triton and float16 paths, retain_graph=True, saved-tensor hooks active) the kept tensors are saved
 tensors, released when this node's backward returns.
 
-For 16-bit storage the recomputed a = f(z) starts from the stored (rounded) z, where forward
-rounded f of the float32 z: the two can differ in the last bit. In float32/float64 they are equal.
+On the reference path, for 16-bit storage the recomputed a = f(z) starts from the stored
+(rounded) z, where forward rounded f of the float32 z: the two can differ in the last bit. In
+float32/float64, and on the bfloat16 fast path (which rounds z first, as native), they are equal.
+`MLP` modules run the fast path through a cached plan (:mod:`manualbp.ops.network_plan`).
 """
 
 from __future__ import annotations
@@ -55,14 +57,17 @@ from manualbp.ops._common import (
     no_autocast,
 )
 from manualbp.ops.linear_act import eager_backend, tangent_z
-from manualbp.ops.network_fast import fast_sweep
+from manualbp.ops.network_fast import fast_sweep, sweep_for
+from manualbp.ops.saved_bytes import SavedBytes, saved_tensor_bytes
 
 __all__ = [
     "MLPFunction",
     "NetworkPlan",
     "SavedBytes",
+    "differentiable_backward",
     "mlp",
     "mlp_network",
+    "network_tangent",
     "reference_step",
     "saved_tensor_bytes",
     "step_for",
@@ -257,33 +262,57 @@ class MLPFunction(PositionalFunction):
             n_params = len(rest) - plan.depth
             params, kept = rest[:n_params], list(rest[n_params:])
         layers = plan.split(params)
-        if plan.backend is fast and not torch.is_grad_enabled() and not autocast_on("cpu"):
+        if plan.backend is fast and not torch.is_grad_enabled():
             release = fast_kept and not _keep_graph()
             if plan.recompute:
                 _, kept = _forward_layers(x, plan, layers)
-            return fast_sweep(ctx.needs_input_grad, plan, x, kept, layers, grad_out, release)
-        with no_autocast(x.device.type):  # backward may run inside an autocast block
-            if torch.is_grad_enabled():
-                # create_graph: the loop must itself be differentiable. The kept tensors are
-                # constants to autograd, so the forward is rerun from the saved inputs, and every
-                # step runs the reference equations in torch ops (any backend, same device).
-                plan = dataclasses.replace(plan, backend=reference, recompute=True)
-            return _backward_loop(ctx.needs_input_grad, plan, x, kept, layers, grad_out)
+            spec = sweep_for(plan.acts, plan.has_bias)
+            with no_autocast("cpu"):  # backward may run inside an autocast block
+                return fast_sweep(
+                    spec, ctx.needs_input_grad, x, kept, params, grad_out, release, plan.workspace
+                )
+        return differentiable_backward(ctx.needs_input_grad, plan, x, kept, layers, grad_out)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, _plan_t: None, *params_t: Tensor | None) -> tuple:
         """Forward mode, layer by layer: żˡ = ȧˡ⁻¹ Wˡᵀ + aˡ⁻¹ Ẇˡᵀ + ḃˡ, ȧˡ = f′ˡ ⊙ żˡ."""
         plan: NetworkPlan = ctx.plan
         x, *params = ctx.saved_tensors
-        a, a_t = x, x_t
-        for act, (weight, bias), (weight_t, bias_t) in zip(
-            plan.acts, plan.split(params), plan.split(params_t), strict=True
-        ):
-            z_t = tangent_z(a, weight, a_t, weight_t, bias_t)
-            a, saved = reference.linear_forward(a, weight, bias, act)
-            a_t = act.delta(z_t, up(saved))
-        assert a_t is not None
-        return (cast(a_t, x.dtype), *(None,) * plan.depth)
+        return (network_tangent(plan, x, params, x_t, params_t), *(None,) * plan.depth)
+
+
+def network_tangent(
+    plan: NetworkPlan, x: Tensor, params: Sequence[Tensor], x_t: Tensor | None,
+    params_t: Sequence[Tensor | None],
+) -> Tensor:  # fmt: skip
+    """ȧᴸ of the stack: the tangents pushed through the layers in reference torch ops."""
+    a, a_t = x, x_t
+    for act, (weight, bias), (weight_t, bias_t) in zip(
+        plan.acts, plan.split(params), plan.split(params_t), strict=True
+    ):
+        z_t = tangent_z(a, weight, a_t, weight_t, bias_t)
+        a, saved = reference.linear_forward(a, weight, bias, act)
+        a_t = act.delta(z_t, up(saved))
+    assert a_t is not None
+    return cast(a_t, x.dtype)
+
+
+def differentiable_backward(
+    needs_input_grad: tuple[bool, ...],
+    plan: NetworkPlan,
+    x: Tensor,
+    kept: list[Tensor | None],
+    layers: list[tuple[Tensor, Tensor | None]],
+    grad_out: Tensor,
+) -> tuple:
+    """The loop off the fast path: the plan's backend (Triton, or 16-bit reference), or — with
+    grad mode on (create_graph) — a differentiable loop: the kept tensors are constants to
+    autograd, so the forward is rerun from the saved inputs and every step runs the reference
+    equations in torch ops (any backend, same device)."""
+    with no_autocast(x.device.type):  # backward may run inside an autocast block
+        if torch.is_grad_enabled():
+            plan = dataclasses.replace(plan, backend=reference, recompute=True)
+        return _backward_loop(needs_input_grad, plan, x, kept, layers, grad_out)
 
 def _take_kept(ctx: Any, top: Tensor | None) -> list[Tensor | None]:
     """The kept tensors from ctx, version-checked as saved tensors are (see setup_context)."""
@@ -381,9 +410,9 @@ def mlp_network(
 
     The caller checks shapes and dtypes (the modules do); `backend` is a resolved backend module.
     The reference backend runs its first-order fast path (:mod:`manualbp.backends.fast`) for
-    CPU float32/float64 inputs; `workspace` (the module's) lends that path its δ buffers.
+    CPU float32/float64/bfloat16 inputs; `workspace` (the module's) lends it its δ buffers.
     """
-    if backend is reference and fast.fast_ok(x):
+    if backend is reference and fast.network_ok(x):
         backend = fast
     if not (len(weights) == len(biases) == len(acts) > 0):
         raise ValueError(
@@ -443,48 +472,3 @@ def mlp(
     with no_autocast(device.type):
         return mlp_network(input, weights, biases, acts, backend=backend, recompute=recompute,
                            workspace=workspace)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ measuring
-
-
-@dataclass
-class SavedBytes:
-    """What autograd saved for backward, by distinct storage (views of one storage count once)."""
-
-    storages: dict[int, int] = field(default_factory=dict)  # data_ptr -> bytes
-    references: int = 0  # every tensor packed, including repeats and excluded ones
-
-    @property
-    def count(self) -> int:
-        return len(self.storages)
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
-def saved_tensor_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> SavedBytes:
-    """Call `run()` and record every tensor autograd saves for backward while it runs.
-
-    Tensors are identified by their storage, so a view and its base, or the same tensor saved by
-    two nodes, count once. Storages of `exclude` (the parameters, the caller's input — memory the
-    caller holds anyway) are left out. Measured with `torch.autograd.graph.saved_tensors_hooks`.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    result = SavedBytes()
-
-    def pack(t: Tensor) -> Tensor:
-        result.references += 1
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in skip and storage.nbytes() > 0:
-            result.storages[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        # Hold the output (and so the graph and every saved tensor) until all packing is done,
-        # so no saved storage is freed and its address reused by a later one.
-        output = run()
-    del output
-    return result

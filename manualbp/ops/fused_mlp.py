@@ -126,8 +126,10 @@ class FusedMLPFunction(PositionalFunction):
         ctx.mark_non_differentiable(*kept)
         ctx.set_materialize_grads(False)  # the kept outputs never receive a gradient
         ctx.plan = plan
-        # The last layer's a is the output itself where its f′ reads a (and nothing is rerun).
-        last = out if not plan.recompute and plan.acts[-1].uses_output else None
+        # The last layer's a is the output itself where its f′ reads a (and nothing is rerun);
+        # an identity output layer needs nothing.
+        reads_a = plan.acts[-1].uses_output and plan.acts[-1].name != "identity"
+        last = out if reads_a and not plan.recompute else None
         ctx.save_for_backward(x, *params, *kept, last)
 
     @staticmethod

@@ -1,0 +1,225 @@
+"""`MLP(mode="fused")` (manualbp.ops.fused_mlp on manualbp.triton_kernels.fused_mlp) against float64
+native autograd (nn.Linear + the torch activation modules) from the same rounded values, under
+Triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1; with MANUALBP_CUDA_TESTS=1
+they run compiled on a GPU).
+
+Every buffer a launcher allocates starts as NaN, so an element a kernel does not write fails the
+comparison. Row counts are multiples of no block size; widths differ per layer (padded inside the
+kernels); bf16 goes through the `upcast` helper. Tolerances are tests/helpers.py's TOL.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import manualbp as mbp
+
+from .helpers import TOL, rel_err
+
+pytest.importorskip("triton")
+
+from manualbp.backends import triton as backend  # noqa: E402
+from manualbp.triton_kernels import _utils  # noqa: E402
+
+DEVICE = torch.device("cuda" if os.environ.get("MANUALBP_CUDA_TESTS") == "1" else "cpu")
+if not backend.is_available(DEVICE)[0]:
+    pytest.skip(f"Triton kernels cannot run here: {backend.is_available(DEVICE)[1]}", allow_module_level=True)
+
+pytestmark = pytest.mark.interpreter if DEVICE.type == "cpu" else pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+ACTS = list(mbp.ACTIVATIONS)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(_utils, "empty", nan_empty)
+
+
+def _native(model: mbp.MLP) -> nn.Sequential:
+    """The same network in float64 native modules, from the model's (rounded) parameters."""
+    mods: list[nn.Module] = []
+    for layer in model.layers:
+        bias = layer.bias is not None
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=bias, dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(layer.weight.double())
+            if layer.bias is not None:
+                lin.bias.copy_(layer.bias.double())
+        mods += [lin, layer.act.native()]
+    return nn.Sequential(*mods).to(DEVICE)
+
+
+def _run(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """[output, ∇x, ∇ of every parameter] after one backward of <output, g>."""
+    model.zero_grad(set_to_none=True)
+    xi = x.detach().clone().requires_grad_()
+    out = model(xi)
+    out.backward(g.to(out.dtype))
+    grads = [p.grad for p in model.parameters()]
+    assert xi.grad is not None and all(q is not None for q in grads)
+    return [out.detach(), xi.grad, *grads]  # type: ignore[list-item]
+
+
+def _check(model: mbp.MLP, x: torch.Tensor, dtype: torch.dtype, native_too: bool = True) -> None:
+    """Output, input gradient and every parameter's gradient against native float64 autograd
+    (`native_too`) and against network mode in the same dtype (the same roundings)."""
+    g = torch.randn(*x.shape[:-1], model.sizes[-1], dtype=torch.float64, device=DEVICE)
+    ours = _run(model, x, g.to(dtype))
+    assert ours[0].dtype == dtype and all(t.dtype == dtype for t in ours)
+    network = mbp.MLP(model.sizes, dtype=dtype, bias=model.layers[0].bias is not None).to(DEVICE)
+    for a, b in zip(network.layers, model.layers, strict=True):
+        a.act = b.act
+    network.load_state_dict(model.state_dict())
+    refs = [_run(network, x, g.to(dtype))]
+    if native_too:
+        refs.append(_run(_native(model), x.double(), g))
+    for ref in refs:
+        assert len(ours) == len(ref)
+        for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+            assert a.shape == b.shape and rel_err(a, b) <= TOL[dtype], (i, rel_err(a, b))
+
+
+def _model(sizes, act, out_act, dtype, bias=True, recompute=False, **kw) -> mbp.MLP:
+    model = mbp.MLP(sizes, act, out_act, bias=bias, dtype=dtype, mode="fused", recompute=recompute, **kw)
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", ACTS)
+def test_every_activation_and_dtype(name: str, dtype: torch.dtype) -> None:
+    """Hidden and output activation `name` (the last layer keeps its own a or z), widths that
+    differ per layer, 37 rows; bias on for half the cases. A relu-class output in 16 bits is
+    compared with network mode only: a kink whose pre-activation is within a rounding of 0
+    flips a whole row of δ against float64 (network and layers mode differ from float64 as
+    much there), so float64 native is the oracle for the smooth outputs and every float32."""
+    i = ACTS.index(name) + DTYPES.index(dtype)
+    kw = {"negative_slope": 0.2} if name == "leaky_relu" else {}
+    model = _model([5, 32, 17, 3], name, name, dtype, bias=i % 2 == 0, **kw)
+    kinked = name in ("relu", "leaky_relu") and dtype != torch.float32
+    _check(model, torch.randn(37, 5, device=DEVICE).to(dtype), dtype, native_too=not kinked)
+
+
+@pytest.mark.parametrize("rows", [1, 37, 130])
+@pytest.mark.parametrize("depth", [1, 4])
+def test_rows_and_depth(rows: int, depth: int) -> None:
+    """Odd row counts (a masked tail in every kernel), a single layer and a deeper stack with
+    an identity output layer (nothing kept for it)."""
+    sizes = [2] + [24] * (depth - 1) + [3]
+    model = _model(sizes, "gelu", "identity", torch.float32)
+    _check(model, torch.randn(rows, 2, device=DEVICE), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recompute_and_no_bias(recompute: bool, dtype: torch.dtype) -> None:
+    model = _model([7, 40, 40, 64, 1], "silu", "sigmoid", dtype, bias=False, recompute=recompute)
+    _check(model, torch.randn(45, 7, device=DEVICE).to(dtype), dtype)
+
+
+def test_recompute_keeps_only_the_input() -> None:
+    from manualbp.ops.network import saved_tensor_bytes
+
+    x = torch.randn(50, 6, device=DEVICE)
+    kept = {}
+    for recompute in (False, True):
+        model = _model([6, 32, 32, 2], "gelu", "identity", torch.float32, recompute=recompute)
+        saved = saved_tensor_bytes(lambda m=model: m(x), exclude=[x, *model.parameters()])
+        kept[recompute] = saved.total
+    assert kept[True] == 0 and kept[False] == 2 * 50 * 32 * 4  # z of both gelu layers
+
+
+def test_leading_dims_and_non_contiguous_input() -> None:
+    model = _model([6, 16, 5], "tanh", "identity", torch.float32)
+    x = torch.randn(3, 9, 12, device=DEVICE)[..., ::2]
+    assert not x.is_contiguous()
+    _check(model, x, torch.float32)
+
+
+def test_only_some_gradients_and_determinism() -> None:
+    """A frozen first layer and an input without grad: the others still match; two backward
+    passes give bitwise-identical gradients (no atomics)."""
+    model = _model([4, 20, 20, 3], "relu", "identity", torch.float32)
+    model.layers[0].requires_grad_(False)
+    x = torch.randn(70, 4, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(p.grad is None for p in model.layers[0].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    native = _native(model)
+    native(x.double()).square().sum().backward()
+    refs = [p.grad for p in native.parameters()][2:]
+    for ours, ref in zip(grads[0], refs, strict=True):
+        assert rel_err(ours, ref) <= TOL[torch.float32]
+
+
+def test_create_graph_second_order() -> None:
+    """A backward with grad mode on is differentiable (network mode's reference loop)."""
+    model = _model([3, 16, 1], "tanh", "identity", torch.float32)
+    native = _native(model)
+    x = torch.randn(9, 3, device=DEVICE)
+    results = []
+    for net, dt in ((model, torch.float32), (native, torch.float64)):
+        xi = x.to(dt).requires_grad_()
+        (gx,) = torch.autograd.grad(net(xi).sum(), xi, create_graph=True)
+        params = list(net.parameters())
+        second = torch.autograd.grad(gx.square().sum(), [xi, *params], materialize_grads=True)
+        results.append((gx, *second))
+    for ours, ref in zip(*results, strict=True):
+        assert rel_err(ours, ref) <= TOL[torch.float32]
+
+
+def test_functional_entry_matches_module() -> None:
+    model = _model([5, 16, 2], "mish", "identity", torch.float32)
+    x = torch.randn(11, 5, device=DEVICE)
+    layers = list(model.layers)
+    out = mbp.functional.fused_mlp(x, [m.weight for m in layers], [m.bias for m in layers],
+                                   [m.act for m in layers])  # fmt: skip
+    assert torch.equal(out, model(x))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "match"),
+    [([4, 129, 2], "wider than 128"), ([4] + [16] * 9, "1 to 8"), ([200, 8], "wider than 128")],
+)
+def test_sizes_it_cannot_run(sizes: list[int], match: str) -> None:
+    with pytest.raises(ValueError, match=match) as err:
+        mbp.MLP(sizes, mode="fused")
+    assert "mode='network'" in str(err.value)
+
+
+def test_float64_is_a_clear_error() -> None:
+    model = _model([4, 8, 2], "relu", "identity", torch.float64)
+    with pytest.raises(TypeError, match="float64.*mode='network'"):
+        model(torch.randn(3, 4, dtype=torch.float64, device=DEVICE))
+
+
+def test_default_mode_is_network() -> None:
+    assert mbp.MLP([4, 8, 2]).mode == "network"
+    assert "mode=fused" in repr(mbp.MLP([4, 8, 2], mode="fused"))
+
+
+def test_cpu_without_the_interpreter_is_a_clear_error() -> None:
+    code = (
+        "import torch, manualbp as mbp\n"
+        "m = mbp.MLP([2, 16, 1], mode='fused')\n"
+        "try:\n    m(torch.randn(3, 2))\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERR mode='fused'" in proc.stdout and "TRITON_INTERPRET" in proc.stdout
+    assert "mode='network'" in proc.stdout

@@ -11,6 +11,12 @@ HGMMA. `mlp_grad_weight` is the one with a reduction loop (over rows): it is a `
 so `aot.check` also requires HGMMA in that loop, not serialised, and shared-memory rings with
 enough slots. The two sweeps have no K-loop (a layer is one dot of K = width ≤ 128); their
 wgmma of layer l + 1 waits for layer l by data dependence (`layer_waits` counts those waits).
+
+Known, and why the recorded networks avoid it: at width 128 the elementwise code of the
+gelu-class activations (gelu, gelu_tanh, silu, mish, softplus) over a 64 × 128 tile spills in
+the backward sweep (and gelu, gelu_tanh, mish in the forward) on sm_90 — ptxas schedules each
+operation over all 32 elements a thread holds; relu, leaky_relu, sigmoid, tanh at 128 and every
+activation at ≤ 64 do not. A spill costs speed, not correctness.
 """
 
 from __future__ import annotations
@@ -50,17 +56,27 @@ def _dims(net: tuple) -> list[int]:
 
 def variants(archs=aot_variants.ARCHS, selection: str = "ci") -> list[tuple[aot_variants.Variant, int]]:
     """Per arch and network: the three kernels of the step (forward, δ sweep, weight gradient);
-    the reduction once per arch (it depends on the dtype only). 10 for "ci", 28 for "full"."""
+    in "full" also the reduction once per arch (elementwise, its dtype only): 12 for "ci"
+    (two networks per arch), 32 for "full" (five)."""
     out = []
     for arch in archs:
         nets = (NETS_FULL if selection == "full" else NETS_CI).get(arch, NETS_CI[90])
         for net in nets:
             for kernel in KERNELS[:3]:
                 config = _config_name(kernel, net)
-                out.append((aot_variants.Variant(kernel, arch, net[0], net[5], _flags(net), config,
-                                                 kernel == "mlp_grad_weight"), 0))  # fmt: skip
-        out.append((aot_variants.Variant("mlp_reduce", arch, nets[0][0], "-", "-", "256 w4", False), 0))
+                gemm = kernel == "mlp_grad_weight" and _wgmma_wide(net)
+                out.append((aot_variants.Variant(kernel, arch, net[0], net[5], _flags(net), config, gemm), 0))
+        if selection == "full":
+            out.append((aot_variants.Variant("mlp_reduce", arch, nets[0][0], "-", "-", "256 w4", False), 0))
     return out
+
+
+def _wgmma_wide(net: tuple) -> bool:
+    """Whether the weight-gradient dots can be wgmma: δᵀ gives the dot's M = the layer's output
+    width, and a warpgroup's wgmma needs M ≥ 64 (narrower layers compile to mma.sync)."""
+    from . import fused_mlp
+
+    return max(fused_mlp.padded(d) for d in _dims(net)[1:]) >= 64
 
 
 def _config_name(kernel: str, net: tuple) -> str:
@@ -133,7 +149,7 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import aot, aot_inspect, aot_launch
+    from . import aot_inspect, aot_launch
 
     variant, _ = job
     record = dataclasses.asdict(variant)
@@ -149,7 +165,7 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
-            sass = aot._run([aot._cuobjdump(), "-res-usage", "-sass", f.name]).stdout
+            sass = _cuobjdump(f.name)
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass)
         if m is None:
             raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {sass[:2000]!r}")
@@ -168,6 +184,19 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
         record["error"] = f"{type(err).__name__}: {err}"
     record["compile_s"] = round(time.perf_counter() - t0, 2)
     return record
+
+
+def _cuobjdump(cubin: str) -> str:
+    """`cuobjdump -res-usage -sass` of a cubin, with the cuobjdump shipped in the Triton wheel
+    (as `aot._cuobjdump`; this module is imported by `aot`, so it does not import it back)."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cmd = [str(tool), "-res-usage", "-sass", cubin]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
 def check(record: dict) -> list[str]:

@@ -1,0 +1,73 @@
+"""Ahead-of-time compilation of the fused MLP kernels for sm_90 and sm_80, without a GPU.
+
+`python -m manualbp.triton_kernels.aot --family fused --set ci --arch 90 80 --json` (the records
+are also part of the default `aot --json`) compiles, per arch, two networks' training step —
+`mlp_forward`, `mlp_backward` (the δ sweep) and `mlp_grad_weight` — as the launchers in
+`fused_mlp.py` specialise them (stand-in tensors through Triton's binder), and inspects each
+cubin as the linear kernels are: no spills, HGMMA on sm_90 for 16-bit (an MMA on sm_80), and in
+the weight gradient's loop over rows HGMMA that is not serialised, with shared-memory rings of
+enough slots.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_triton_aot import run_aot
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.aot
+
+KERNELS = ("mlp_forward", "mlp_backward", "mlp_grad_weight")
+
+
+def test_aot_compile_fused_mlp_sm90_sm80() -> None:
+    args = ["--family", "fused", "--set", "ci", "--arch", "90", "80", "--json", "--jobs", "2"]
+    code, out, err = run_aot(args)
+    assert out.strip(), f"aot printed nothing; stderr:\n{err[-4000:]}"
+    records = json.loads(out)
+
+    from manualbp.triton_kernels import aot
+    from manualbp.triton_kernels.aot_fused import NETS_CI, _flags
+
+    problems = {f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['flags']}": aot.check(r) for r in records}
+    assert {k: v for k, v in problems.items() if v} == {}
+    assert len(records) <= 12  # each compile costs CI seconds
+    seen = {(r["kernel"], r["arch"], r["dtype"], r["act"], r["flags"]) for r in records}
+    expected = {
+        (kernel, arch, net[0], net[5], _flags(net)) for arch, nets in NETS_CI.items() for net in nets
+        for kernel in KERNELS
+    }  # fmt: skip
+    assert seen == expected
+    for r in records:
+        name = f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['flags']}"
+        assert r["launch_specialized"] and r["stack"] == 0 and r["spill_insts"] == 0, name
+        if r["dtype"] == "fp32":
+            continue
+        if r["arch"] == 80:
+            assert r["mma"] and not r["hgmma"], name
+            continue
+        assert r["hgmma"], name
+        if r["kernel"] == "mlp_grad_weight":
+            assert r["gemm"] and r["loop_hgmma"] >= 1 and r["wgmma_serialized"] is False, name
+            assert r["rings"] and all(g["slots"] >= g["needed"] for g in r["rings"]), name
+        else:  # one dot per layer; each waits for the one before it (data dependence)
+            depth = len(r["flags"].split()[0].split("=")[1].split("-")) - 1
+            assert 1 <= r["layer_waits"] <= depth + 1, name
+    assert code == 0, err[-4000:]
+
+
+def test_default_aot_run_includes_the_fused_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m manualbp.triton_kernels.aot --json` (family "all") compiles the fused MLP's
+    variants beside the linear ones; "linear" leaves them out (what test_triton_aot.py checks)."""
+    from manualbp.triton_kernels import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # run() refuses interpreted kernels; none compile
+    monkeypatch.setattr(aot, "_compile_any", lambda job: {"kernel": job[0].kernel})
+    kernels = {r["kernel"] for r in aot.run((90,), jobs=1, selection="ci")}
+    assert set(KERNELS) <= kernels and "forward" in kernels
+    linear = {r["kernel"] for r in aot.run((90,), jobs=1, selection="ci", family="linear")}
+    assert not linear & set(KERNELS)

@@ -71,3 +71,30 @@ def test_default_aot_run_includes_the_fused_records(monkeypatch: pytest.MonkeyPa
     assert set(KERNELS) <= kernels and "forward" in kernels
     linear = {r["kernel"] for r in aot.run((90,), jobs=1, selection="ci", family="linear")}
     assert not linear & set(KERNELS)
+
+
+def test_cost_model_table_is_the_committed_one() -> None:
+    """experiments/results/fused_mlp_model.md is what its command prints now, and the model
+    counts what it says: 4 fused launches against 6 a layer (less the first layer's input
+    gradient and the identity last layer's activation) at the 5 µs launch floor."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from manualbp.triton_kernels import aot_fused_model as model
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert model.main([]) == 0
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "results" / "fused_mlp_model.md"
+    assert committed.read_text() == out.getvalue()
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 27
+    # 2^12 rows are launch-bound on both sides: 4 launches, and 6 per layer less 2 for the first
+    # and 2 for the last (21 at 4 layers)
+    assert model.fused_step(64, 4, 2**12) == pytest.approx(4 * model.LAUNCH_S)
+    assert model.eager_step(64, 4, 2**12) == pytest.approx(21 * model.LAUNCH_S)
+    for W in model.WIDTHS:
+        for L in model.DEPTHS:
+            for M in model.ROWS:
+                assert 0 < model.fused_step(W, L, M) < model.eager_step(W, L, M)

@@ -17,8 +17,9 @@ h_0 = x (M, d_0):
                             rows into an fp32 partial (one K-loop over rows per layer, δ tile
                             loaded transposed straight from memory, no atomics).
     mlp_reduce_kernel       Σ_p partial[p] in a fixed order, cast to the parameter dtype: the
-                            deterministic cross-program reduction of both the weight and the
-                            bias partials (the same inputs give bitwise-identical gradients).
+                            deterministic cross-program reduction of the weight and the bias
+                            partials, both in one launch (the same inputs give bitwise-identical
+                            gradients). A training step is 4 launches in all.
 
 Widths: every d_l is padded inside the kernels to a power of two ≥ 16 (the dot's minimum) with
 masked loads — the caller's tensors are never copied or padded. Padded columns of z are 0, so
@@ -212,19 +213,29 @@ def mlp_grad_weight_kernel(
 
 
 @triton.jit
-def mlp_reduce_kernel(
-    part_ptr, out_ptrs, sizes, part_offs, n_parts, stride_part,
-    L: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _reduce_set(part_ptr, out_ptrs, sizes, part_offs, n_parts, stride_part, c, L: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     for i in tl.static_range(L):
         mask = c < sizes[i]
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in range(n_parts):  # a fixed order: deterministic
             acc += tl.load(part_ptr + p * stride_part + part_offs[i] + c, mask=mask, other=0.0)
         tl.store(out_ptrs[i] + c, downcast(acc, out_ptrs[i].dtype.element_ty, UPCAST), mask=mask)
+
+
+@triton.jit
+def mlp_reduce_kernel(
+    w_part_ptr, w_ptrs, w_sizes, w_offs, w_parts, stride_w_part,
+    b_part_ptr, b_ptrs, b_sizes, b_offs, b_parts, stride_b_part,
+    L: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Both reductions in one launch: the weight partials (one row per weight-gradient program)
+    and the bias partials (one row per δ-sweep program)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _reduce_set(w_part_ptr, w_ptrs, w_sizes, w_offs, w_parts, stride_w_part, c, L, UPCAST, BLOCK)
+    _reduce_set(b_part_ptr, b_ptrs, b_sizes, b_offs, b_parts, stride_b_part, c, L, UPCAST, BLOCK)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -377,11 +388,12 @@ def mlp_backward(
             plan.slopes,
             BIAS=tuple(bias), WRITE_INPUT=tuple(write), NEED_X=need_x, **plan.flags(dt), **block,
         )  # fmt: skip
-    grad_w = _grad_weights(inputs_t, deltas, weights, plan, need_weight)
+    grad_w, weight_set = _grad_weights(inputs_t, deltas, weights, plan, need_weight)
     grad_b: list[torch.Tensor | None] = [
         alloc((dims[i + 1],), dt, device) if bias[i] else None for i in range(L)
     ]
-    _reduce(bias_part, tiles, grad_b, bias_offs, [dims[i + 1] for i in range(L)], dt)
+    bias_set = (bias_part, tiles, grad_b, bias_offs, [dims[i + 1] for i in range(L)])
+    _reduce(weight_set, bias_set, dt)
     return grad_x, grad_w, grad_b
 
 
@@ -406,13 +418,14 @@ def grad_weight_launch(width: int, dtype: torch.dtype) -> dict:
     return {**GRAD_WEIGHT_LAUNCH, "BLOCK_M": block_m, "num_warps": 8 if width > 64 else 4}
 
 
-def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]) -> list:
+def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]) -> tuple[list, tuple]:
+    """The weight gradients' buffers, and the partials the reduction sums into them."""
     x = inputs_t[0]
     M, dt, device, dims, L = x.shape[0], x.dtype, x.device, plan.dims, plan.depth
     alloc = _utils.empty
     grads = [alloc(tuple(w.shape), dt, device) if need_weight[i] else None for i, w in enumerate(weights)]
     if not any(need_weight):
-        return grads
+        return grads, (None, 0, grads, (0,) * (L + 1), [0] * L)
     sizes = [dims[i + 1] * dims[i] if need_weight[i] else 0 for i in range(L)]
     offs = _offsets(sizes)
     launch = grad_weight_launch(max(plan.pad), dt)
@@ -432,24 +445,30 @@ def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]
             INPUT_PRECISION=input_precision(dt), BLOCK_M=block_m,
             **({} if INTERPRET else {k: v for k, v in launch.items() if k != "BLOCK_M"}),
         )  # fmt: skip
-    _reduce(part, programs, grads, offs, sizes, dt)
-    return grads
+    return grads, (part, programs, grads, offs, sizes)
 
 
-def _reduce(part, n_parts: int, outs: list, offs: tuple[int, ...], sizes: list[int], dt) -> None:
-    """outs[l] (contiguous) = Σ_p part[p, offs[l] : offs[l] + sizes[l]], in a fixed order."""
-    sizes = [s if o is not None else 0 for s, o in zip(sizes, outs)]
-    if not any(sizes):
+def _reduce(weight_set: tuple, bias_set: tuple, dt: torch.dtype) -> None:
+    """outs[l] (contiguous) = Σ_p part[p, offs[l] : offs[l] + sizes[l]] for both sets
+    (part, n_parts, outs, offs, sizes), in a fixed order, in one launch."""
+    args = []
+    widest = 0
+    for part, n_parts, outs, offs, sizes in (weight_set, bias_set):
+        sizes = [s if o is not None else 0 for s, o in zip(sizes, outs)]
+        if n_parts == 0:  # no rows: every gradient is 0
+            for o in outs:
+                if o is not None:
+                    o.zero_()
+            sizes = [0] * len(sizes)
+        widest = max(widest, *sizes)
+        stand_in = bias_set[0]  # never written: its sizes are 0
+        part = part if part is not None else stand_in
+        outs_t = tuple(o if o is not None else stand_in for o in outs)
+        args += [part, outs_t, tuple(sizes), offs[:-1], n_parts, part.stride(0)]
+    if widest == 0:
         return
-    if n_parts == 0:  # no rows: every gradient is 0
-        for o in outs:
-            if o is not None:
-                o.zero_()
-        return
-    outs_t = tuple(o if o is not None else part for o in outs)
-    grid = (triton.cdiv(max(sizes), REDUCE_BLOCK),)
+    grid = (triton.cdiv(widest, REDUCE_BLOCK),)
     _utils.traceable(mlp_reduce_kernel)[grid](
-        part, outs_t, tuple(sizes), offs[:-1], n_parts, part.stride(0),
-        L=len(outs), UPCAST=needs_upcast(dt), BLOCK=REDUCE_BLOCK,
+        *args, L=len(weight_set[2]), UPCAST=needs_upcast(dt), BLOCK=REDUCE_BLOCK,
         **({} if INTERPRET else {"num_warps": 4}),
     )  # fmt: skip

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     modes = ["fused", "network"] if args.compare else ["fused"]
     for mode in modes:
-        run = fit(args.size, args.steps, args.width, args.depth, args.frequencies, args.lr, mode, device, dtype)
+        run = fit(args.size, args.steps, args.width, args.depth, args.frequencies, args.lr, mode, device,
+                  dtype)  # fmt: skip
         every = max(1, args.steps // 10)
         curve = ", ".join(f"{i}: {loss:.4g}" for i, loss in enumerate(run.losses) if i % every == 0)
         print(f"mode={mode}: loss {curve}; final PSNR {run.psnr:.2f} dB")

@@ -26,7 +26,7 @@ from .helpers import TOL, rel_err
 pytest.importorskip("triton")
 
 from manualbp.backends import triton as backend  # noqa: E402
-from manualbp.triton_kernels import _utils  # noqa: E402
+from manualbp.triton_kernels import _utils, fused_mlp, fused_mlp_acc  # noqa: E402
 
 DEVICE = torch.device("cuda" if os.environ.get("MANUALBP_CUDA_TESTS") == "1" else "cpu")
 if not backend.is_available(DEVICE)[0]:
@@ -45,6 +45,27 @@ def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(_utils, "empty", nan_empty)
+
+
+@pytest.fixture(params=["split", "accumulate"])
+def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Each backward path on every stack: the split one (δ sweep, weight-gradient loop) and the
+    accumulating sweep (forced here beyond the sizes `fused_mlp_acc.fits` takes on a GPU: the
+    arithmetic does not depend on them); 3 "SMs", so several programs' partials are reduced
+    and a program may get tiles past the last row. Checks that the path ran."""
+    monkeypatch.setattr(_utils, "num_sms", lambda device: 3)
+    monkeypatch.setattr(fused_mlp_acc, "fits", lambda plan: request.param == "accumulate")
+    module, name = (fused_mlp, "mlp_backward") if request.param == "split" else (
+        fused_mlp_acc, "mlp_backward_accumulated")
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    yield request.param
+    assert calls, f"the {request.param} backward did not run"
 
 
 def _native(model: mbp.MLP) -> nn.Sequential:
@@ -98,7 +119,7 @@ def _model(sizes, act, out_act, dtype, bias=True, recompute=False, **kw) -> mbp.
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", ACTS)
-def test_every_activation_and_dtype(name: str, dtype: torch.dtype) -> None:
+def test_every_activation_and_dtype(name: str, dtype: torch.dtype, backward_path: str) -> None:
     """Hidden and output activation `name` (the last layer keeps its own a or z), widths that
     differ per layer, 37 rows; bias on for half the cases. A relu-class output in 16 bits is
     compared with network mode only: a kink whose pre-activation is within a rounding of 0
@@ -113,7 +134,7 @@ def test_every_activation_and_dtype(name: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("rows", [1, 37, 130])
 @pytest.mark.parametrize("depth", [1, 4])
-def test_rows_and_depth(rows: int, depth: int) -> None:
+def test_rows_and_depth(rows: int, depth: int, backward_path: str) -> None:
     """Odd row counts (a masked tail in every kernel), a single layer and a deeper stack with
     an identity output layer (nothing kept for it)."""
     sizes = [2] + [24] * (depth - 1) + [3]
@@ -123,7 +144,7 @@ def test_rows_and_depth(rows: int, depth: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("recompute", [False, True])
-def test_recompute_and_no_bias(recompute: bool, dtype: torch.dtype) -> None:
+def test_recompute_and_no_bias(recompute: bool, dtype: torch.dtype, backward_path: str) -> None:
     model = _model([7, 40, 40, 64, 1], "silu", "sigmoid", dtype, bias=False, recompute=recompute)
     _check(model, torch.randn(45, 7, device=DEVICE).to(dtype), dtype)
 
@@ -140,14 +161,14 @@ def test_recompute_keeps_only_the_input() -> None:
     assert kept[True] == 0 and kept[False] == 2 * 50 * 32 * 4  # z of both gelu layers
 
 
-def test_leading_dims_and_non_contiguous_input() -> None:
+def test_leading_dims_and_non_contiguous_input(backward_path: str) -> None:
     model = _model([6, 16, 5], "tanh", "identity", torch.float32)
     x = torch.randn(3, 9, 12, device=DEVICE)[..., ::2]
     assert not x.is_contiguous()
     _check(model, x, torch.float32)
 
 
-def test_only_some_gradients_and_determinism() -> None:
+def test_only_some_gradients_and_determinism(backward_path: str) -> None:
     """A frozen first layer and an input without grad: the others still match; two backward
     passes give bitwise-identical gradients (no atomics)."""
     model = _model([4, 20, 20, 3], "relu", "identity", torch.float32)
@@ -181,6 +202,20 @@ def test_create_graph_second_order() -> None:
         results.append((gx, *second))
     for ours, ref in zip(*results, strict=True):
         assert rel_err(ours, ref) <= TOL[torch.float32]
+
+
+def test_accumulating_path_is_taken_for_small_stacks() -> None:
+    """Which stacks a launch gives the accumulating sweep (the AOT-clean ones)."""
+    from manualbp.triton_kernels.activations import ACTIVATION_IDS as ids
+
+    def plan(sizes, act):
+        depth = len(sizes) - 1
+        return fused_mlp.Plan(sizes, [ids[act]] * (depth - 1) + [0], [0.01] * depth, [True] * depth)
+
+    assert fused_mlp_acc.fits(plan([2, 64, 3], "silu")) and fused_mlp_acc.fits(plan([32, 32, 32], "tanh"))
+    assert not fused_mlp_acc.fits(plan([64, 64, 64], "tanh"))  # 8192 accumulators
+    assert not fused_mlp_acc.fits(plan([2, 32, 32, 3], "tanh"))  # 3 layers
+    assert not fused_mlp_acc.fits(plan([32, 32, 32], "mish"))
 
 
 def test_functional_entry_matches_module() -> None:

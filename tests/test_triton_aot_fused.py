@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the fused MLP kernels for sm_90 and sm_80, without a GPU.
 
 `python -m manualbp.triton_kernels.aot --family fused --set ci --arch 90 80 --json` (the records
-are also part of the default `aot --json`) compiles, per arch, two networks' training step —
-`mlp_forward`, `mlp_backward` (the δ sweep) and `mlp_grad_weight` — as the launchers in
+are also part of the default `aot --json`) compiles, per arch, a few networks' training step —
+`mlp_forward`, and `mlp_backward` (the δ sweep) with `mlp_grad_weight`, or for the small
+stacks that take it the accumulating sweep `mlp_backward_acc` — as the launchers in
 `fused_mlp.py` specialise them (stand-in tensors through Triton's binder), and inspects each
 cubin as the linear kernels are: no spills, HGMMA on sm_90 for 16-bit (an MMA on sm_80), and in
 the weight gradient's loop over rows HGMMA that is not serialised, with shared-memory rings of
@@ -21,7 +22,7 @@ pytest.importorskip("triton")
 
 pytestmark = pytest.mark.aot
 
-KERNELS = ("mlp_forward", "mlp_backward", "mlp_grad_weight")
+KERNELS = ("mlp_forward", "mlp_backward", "mlp_grad_weight", "mlp_backward_acc")
 
 
 def test_aot_compile_fused_mlp_sm90_sm80() -> None:
@@ -31,7 +32,7 @@ def test_aot_compile_fused_mlp_sm90_sm80() -> None:
     records = json.loads(out)
 
     from manualbp.triton_kernels import aot
-    from manualbp.triton_kernels.aot_fused import NETS_CI, _flags
+    from manualbp.triton_kernels.aot_fused import NETS_CI, _flags, kernels_of
 
     problems = {f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['flags']}": aot.check(r) for r in records}
     assert {k: v for k, v in problems.items() if v} == {}
@@ -39,9 +40,10 @@ def test_aot_compile_fused_mlp_sm90_sm80() -> None:
     seen = {(r["kernel"], r["arch"], r["dtype"], r["act"], r["flags"]) for r in records}
     expected = {
         (kernel, arch, net[0], net[5], _flags(net)) for arch, nets in NETS_CI.items() for net in nets
-        for kernel in KERNELS
+        for kernel in kernels_of(net)
     }  # fmt: skip
     assert seen == expected
+    assert {r["kernel"] for r in records} == set(KERNELS)  # both backward paths are compiled
     for r in records:
         name = f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['flags']}"
         assert r["launch_specialized"] and r["stack"] == 0 and r["spill_insts"] == 0, name
@@ -54,7 +56,7 @@ def test_aot_compile_fused_mlp_sm90_sm80() -> None:
         if r["kernel"] == "mlp_grad_weight":
             assert r["gemm"] and r["loop_hgmma"] >= 1 and r["wgmma_serialized"] is False, name
             assert r["rings"] and all(g["slots"] >= g["needed"] for g in r["rings"]), name
-        else:  # one dot per layer; each waits for the one before it (data dependence)
+        elif r["kernel"] != "mlp_backward_acc":  # one dot a layer, waiting for the one before
             depth = len(r["flags"].split()[0].split("=")[1].split("-")) - 1
             assert 1 <= r["layer_waits"] <= depth + 1, name
     assert code == 0, err[-4000:]

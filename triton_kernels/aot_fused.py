@@ -12,10 +12,11 @@ so `aot.check` also requires HGMMA in that loop, not serialised, and shared-memo
 enough slots. The two sweeps have no K-loop (a layer is one dot of K = width ≤ 128); their
 wgmma of layer l + 1 waits for layer l by data dependence (`layer_waits` counts those waits).
 
-Known, and why the recorded networks avoid it: at width 128 the elementwise code of the
-gelu-class activations (gelu, gelu_tanh, silu, mish, softplus) over a 64 × 128 tile spills in
-the backward sweep (and gelu, gelu_tanh, mish in the forward) on sm_90 — ptxas schedules each
-operation over all 32 elements a thread holds; relu, leaky_relu, sigmoid, tanh at 128 and every
+The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`) is recorded where a launch
+takes it (`fused_mlp_acc.fits`). Known, and why the recorded networks avoid it: at width 128
+the elementwise code of the gelu-class activations (gelu, gelu_tanh, silu, mish, softplus)
+over a 64 × 128 tile spills in the split δ sweep on sm_90 — ptxas schedules each operation
+over all 32 elements a thread holds; relu, leaky_relu, sigmoid, tanh at 128 and every
 activation at ≤ 64 do not. A spill costs speed, not correctness.
 """
 
@@ -28,20 +29,30 @@ from . import aot_variants
 # (dtype, input width, hidden width, depth, output width, activation, bias): small input and
 # output widths (a coordinate net, 2 → 3) exercise the in-kernel padding.
 NETS_CI = {
-    90: [("bf16", 2, 64, 4, 3, "silu", True), ("fp16", 128, 128, 4, 128, "relu", False)],
-    80: [("bf16", 2, 64, 4, 3, "silu", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
+    90: [("bf16", 2, 64, 4, 3, "silu", True), ("fp16", 128, 128, 4, 128, "relu", False),
+         ("bf16", 2, 64, 2, 3, "silu", True)],
+    80: [("bf16", 2, 64, 2, 3, "silu", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
 }
-NETS_FULL = {
-    arch: [
-        *nets,
-        ("bf16", 64, 64, 8, 64, "gelu", True),
-        ("fp16", 32, 32, 4, 1, "mish", True),
-        ("bf16", 3, 128, 8, 1, "tanh", True),
-    ]
-    for arch, nets in NETS_CI.items()
-}
-SWEEPS = ("mlp_forward", "mlp_backward")
+_EXTRA = [("bf16", 64, 64, 8, 64, "gelu", True), ("fp16", 32, 32, 4, 1, "mish", True),
+          ("bf16", 3, 128, 8, 1, "tanh", True), ("fp16", 64, 64, 2, 64, "gelu", False),
+          ("fp16", 32, 32, 2, 32, "mish", False)]
+NETS_FULL = {arch: [*dict.fromkeys([*NETS_CI[90], *NETS_CI[80], *_EXTRA])] for arch in NETS_CI}
+SWEEPS = ("mlp_forward", "mlp_backward", "mlp_backward_acc")
 KERNELS = (*SWEEPS, "mlp_grad_weight", "mlp_reduce")
+
+
+def kernels_of(net: tuple) -> tuple[str, ...]:
+    """What a training step of `net` launches besides the reduction: the forward, and the
+    accumulating δ sweep where its accumulators fit (`fused_mlp_acc.fits`), else the split
+    δ sweep and the weight-gradient loop."""
+    from . import fused_mlp, fused_mlp_acc
+    from .activations import ACTIVATION_IDS
+
+    acts = [ACTIVATION_IDS[net[5]]] * (net[3] - 1) + [0]  # as _call_launchers builds it
+    plan = fused_mlp.Plan(_dims(net), acts, [0.0] * net[3], [net[6]] * net[3])
+    if fused_mlp_acc.fits(plan):
+        return ("mlp_forward", "mlp_backward_acc")
+    return ("mlp_forward", "mlp_backward", "mlp_grad_weight")
 
 
 def _flags(net: tuple) -> str:
@@ -56,14 +67,13 @@ def _dims(net: tuple) -> list[int]:
 
 def variants(archs=aot_variants.ARCHS, selection: str = "ci") -> list[tuple[aot_variants.Variant, int]]:
     """Per arch and network: the three kernels of the step (forward, δ sweep, weight gradient);
-    in "full" also the reduction once per arch (elementwise, its dtype only): 12 for "ci"
-    (two networks per arch), 32 for "full" (five)."""
+    in "full" also the reduction once per arch (elementwise, its dtype only): 12 for "ci"."""
     out = []
     for arch in archs:
         nets = (NETS_FULL if selection == "full" else NETS_CI).get(arch, NETS_CI[90])
         for net in nets:
-            for kernel in KERNELS[:3]:
-                config = _config_name(kernel, net)
+            for kernel in kernels_of(net):
+                config = _config_name(kernel, net, arch)
                 gemm = kernel == "mlp_grad_weight" and _wgmma_wide(net)
                 out.append((aot_variants.Variant(kernel, arch, net[0], net[5], _flags(net), config, gemm), 0))
         if selection == "full":
@@ -79,13 +89,18 @@ def _wgmma_wide(net: tuple) -> bool:
     return max(fused_mlp.padded(d) for d in _dims(net)[1:]) >= 64
 
 
-def _config_name(kernel: str, net: tuple) -> str:
+def _config_name(kernel: str, net: tuple, arch: int) -> str:
     from . import fused_mlp
 
     width = max(fused_mlp.padded(d) for d in _dims(net))
     if kernel == "mlp_grad_weight":
-        c = fused_mlp.grad_weight_launch(width, _torch_dtype(net[0]))
+        c = fused_mlp.grad_weight_launch(width, _torch_dtype(net[0]), (arch // 10, arch % 10))
         return f"{c['BLOCK_M']} w{c['num_warps']} s{c['num_stages']}"
+    if kernel == "mlp_backward_acc":
+        from . import fused_mlp_acc
+
+        c = fused_mlp_acc.GPU_LAUNCH
+        return f"{c['BLOCK_M']} w{c['num_warps']}"
     c = fused_mlp.gpu_launch(width, kernel.removeprefix("mlp_"))
     return f"{c['BLOCK_M']} w{c['num_warps']}"
 
@@ -108,7 +123,7 @@ def _call_launchers(variant: aot_variants.Variant) -> None:
     """A training step's launches on contiguous stand-in CPU tensors (inside a capture)."""
     import torch
 
-    from . import fused_mlp
+    from . import fused_mlp, fused_mlp_acc
     from .activations import ACTIVATION_IDS
 
     net = _net(variant)
@@ -122,14 +137,15 @@ def _call_launchers(variant: aot_variants.Variant) -> None:
     plan = fused_mlp.Plan(dims, acts, [0.01] * depth, [bias] * depth)
     x = torch.empty((M, dims[0]), dtype=dt)
     out, kept = fused_mlp.mlp_forward(x, ws, bs, plan)
-    fused_mlp.mlp_backward(out, x, ws, kept, plan, need_x=False, need_weight=[True] * depth,
-                           need_bias=[True] * depth)  # fmt: skip
+    backward = fused_mlp_acc.mlp_backward_accumulated if fused_mlp_acc.fits(plan) else fused_mlp.mlp_backward
+    backward(out, x, ws, kept, plan, need_x=False, need_weight=[True] * depth, need_bias=[True] * depth)
 
 
 def specialization(variant: aot_variants.Variant) -> tuple[object, dict]:
-    from . import _utils, aot_launch, fused_mlp
+    from . import _utils, aot_launch, fused_mlp, fused_mlp_acc
 
-    fn = getattr(fused_mlp, variant.kernel + "_kernel")
+    module = fused_mlp_acc if variant.kernel == "mlp_backward_acc" else fused_mlp
+    fn = getattr(module, variant.kernel + "_kernel")
     with _utils.captured_launches((variant.arch // 10, variant.arch % 10)) as launches:
         _call_launchers(variant)
     launch = [launch for launch in launches if launch.kernel is fn][-1]

@@ -393,7 +393,7 @@ def mlp_backward(
         alloc((dims[i + 1],), dt, device) if bias[i] else None for i in range(L)
     ]
     bias_set = (bias_part, tiles, grad_b, bias_offs, [dims[i + 1] for i in range(L)])
-    _reduce(weight_set, bias_set, dt)
+    reduce_partials(weight_set, bias_set, dt)
     return grad_x, grad_w, grad_b
 
 
@@ -410,12 +410,15 @@ def grad_weight_programs(M: int, device: torch.device) -> int:
     return max(1, min(_utils.num_sms(device), triton.cdiv(M, 256)))
 
 
-def grad_weight_launch(width: int, dtype: torch.dtype) -> dict:
+def grad_weight_launch(width: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
     """The weight-gradient loop's launch: a (width, width) fp32 accumulator per program; at
-    128 it needs 8 warps (64 registers a thread) not to spill, and float32 (FMA dot, operand
-    slices in registers) 32-row steps."""
+    128 it needs 8 warps (64 registers a thread) not to spill, and on sm_80 2 stages (3 spilled
+    128 LDL/STL at 8 layers of 128); float32 (FMA dot, operand slices in registers) 32-row
+    steps. From the AOT register counts (aot_fused.py)."""
     block_m = 32 if dtype == torch.float32 else GRAD_WEIGHT_LAUNCH["BLOCK_M"]
-    return {**GRAD_WEIGHT_LAUNCH, "BLOCK_M": block_m, "num_warps": 8 if width > 64 else 4}
+    stages = 2 if width > 64 and capability is not None and capability < (9, 0) else 3
+    warps = 8 if width > 64 else 4
+    return {**GRAD_WEIGHT_LAUNCH, "BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
 
 
 def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]) -> tuple[list, tuple]:
@@ -428,7 +431,7 @@ def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]
         return grads, (None, 0, grads, (0,) * (L + 1), [0] * L)
     sizes = [dims[i + 1] * dims[i] if need_weight[i] else 0 for i in range(L)]
     offs = _offsets(sizes)
-    launch = grad_weight_launch(max(plan.pad), dt)
+    launch = grad_weight_launch(max(plan.pad), dt, _utils.gemm_capability(device))
     block_m = INTERPRETER_BLOCK_M if INTERPRET else launch.pop("BLOCK_M")
     programs = grad_weight_programs(M, device) if M else 0
     rows = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m if programs else 0
@@ -448,7 +451,7 @@ def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]
     return grads, (part, programs, grads, offs, sizes)
 
 
-def _reduce(weight_set: tuple, bias_set: tuple, dt: torch.dtype) -> None:
+def reduce_partials(weight_set: tuple, bias_set: tuple, dt: torch.dtype) -> None:
     """outs[l] (contiguous) = Σ_p part[p, offs[l] : offs[l] + sizes[l]] for both sets
     (part, n_parts, outs, offs, sizes), in a fixed order, in one launch."""
     args = []

@@ -72,6 +72,14 @@ def _kernels() -> Any:
     return kernels
 
 
+def _backward_kernels(kplan: Any) -> Any:
+    """The backward launcher for the stack: the accumulating sweep (∇W on chip, 2 launches)
+    where its accumulators fit, else the split one (δ sweep, weight-gradient loop, reduction)."""
+    from manualbp.triton_kernels import fused_mlp_acc
+
+    return fused_mlp_acc.mlp_backward_accumulated if fused_mlp_acc.fits(kplan) else _kernels().mlp_backward
+
+
 @dataclass(frozen=True)
 class FusedPlan:
     """The static description of the stack (activations, biases, recompute) for the Function."""
@@ -154,7 +162,7 @@ class FusedMLPFunction(PositionalFunction):
         if plan.acts[-1].uses_output:
             kept[-1] = last
         wants = _wants(plan, ctx.needs_input_grad[2:])
-        grad_x, grad_w, grad_b = kernels.mlp_backward(
+        grad_x, grad_w, grad_b = _backward_kernels(kplan)(
             grad_out, x, weights, [k if k is None or k.dim() == 2 else None for k in kept], kplan,
             need_x=bool(ctx.needs_input_grad[0]),
             need_weight=[w for w, _ in wants], need_bias=[b for _, b in wants],

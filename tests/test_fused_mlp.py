@@ -272,3 +272,38 @@ def test_neural_field_example_trains_like_network_mode() -> None:
     assert fused.psnr > 10 * math.log10(1 / fused.losses[0])
     for ours, ref in zip(fused.losses, network.losses, strict=True):
         assert abs(ours - ref) <= 1e-4 * ref
+
+
+def test_retain_graph_and_in_place_on_the_output() -> None:
+    """A retained graph backpropagates twice to the same gradients; modifying the output that
+    backward reads (a sigmoid output layer keeps its a) in place is caught, not used."""
+    model = _model([4, 16, 3], "tanh", "sigmoid", torch.float32)
+    x = torch.randn(21, 4, device=DEVICE)
+    out = model(x)
+    out.sum().backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    out.sum().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters(), strict=True))
+    out = model(x)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_autocast_runs_in_the_autocast_dtype() -> None:
+    """Under torch.autocast a float32 model computes in bfloat16, as network mode does there;
+    the gradients arrive in float32."""
+    x = torch.randn(19, 5, device=DEVICE)
+    results = []
+    for mode in ("fused", "network"):
+        torch.manual_seed(3)
+        model = mbp.MLP([5, 16, 2], "silu", mode=mode).to(DEVICE)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        results.append([out, *(p.grad for p in model.parameters())])
+    for ours, ref in zip(*results, strict=True):
+        assert rel_err(ours, ref) <= TOL[torch.bfloat16]

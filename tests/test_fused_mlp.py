@@ -117,7 +117,14 @@ def _model(sizes, act, out_act, dtype, bias=True, recompute=False, **kw) -> mbp.
     return model.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+# float32 on both backward paths, each 16-bit dtype on one (test_recompute_and_no_bias runs
+# every dtype on both).
+PATH_CASES = [(torch.float32, "split"), (torch.float32, "accumulate"), (torch.float16, "split"),
+              (torch.bfloat16, "accumulate")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("dtype", "backward_path"), PATH_CASES, indirect=["backward_path"],
+                         ids=["fp32-split", "fp32-acc", "fp16-split", "bf16-acc"])  # fmt: skip
 @pytest.mark.parametrize("name", ACTS)
 def test_every_activation_and_dtype(name: str, dtype: torch.dtype, backward_path: str) -> None:
     """Hidden and output activation `name` (the last layer keeps its own a or z), widths that

@@ -275,9 +275,10 @@ class Plan:
         self.has_bias = tuple(bool(b) for b in has_bias)
         self.pad = tuple(padded(d) for d in self.dims)
         if not len(self.dims) == self.depth + 1 == len(self.slopes) + 1 == len(self.has_bias) + 1:
+            got = f"{len(self.dims)}/{self.depth}/{len(self.slopes)}/{len(self.has_bias)}"
             raise ValueError(
                 f"dims/act_ids/slopes/has_bias: expected {self.depth + 1}/{self.depth}/{self.depth}/"
-                f"{self.depth} entries, got {len(self.dims)}/{self.depth}/{len(self.slopes)}/{len(self.has_bias)}"
+                f"{self.depth} entries, got {got}"
             )
         check_plan(self.dims, self.depth)
 

@@ -11,6 +11,7 @@ code that wants to call them directly.
 from __future__ import annotations
 
 from manualbp.ops._common import REDUCTIONS
+from manualbp.ops.fused_mlp import FusedMLPFunction, fused_mlp
 from manualbp.ops.gated import GatedMLPFunction, gated_mlp
 from manualbp.ops.heads import LinearCrossEntropyFunction, linear_cross_entropy
 from manualbp.ops.linear_act import LinearActFunction, linear
@@ -26,6 +27,7 @@ from manualbp.ops.network import MLPFunction, mlp
 
 __all__ = [
     "linear",
+    "fused_mlp",
     "gated_mlp",
     "mlp",
     "mse_loss",
@@ -35,6 +37,7 @@ __all__ = [
     "linear_mse_loss",
     "REDUCTIONS",
     "CrossEntropyFunction",
+    "FusedMLPFunction",
     "GatedMLPFunction",
     "LinearActFunction",
     "LinearCrossEntropyFunction",

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from manualbp import functional as MF
 from manualbp.activations import Activation, get_activation
 from manualbp.backends.fast import Workspace
+from manualbp.ops.fused_mlp import check_fused_sizes
 from manualbp.ops.linear_fast import fast_linear
 from manualbp.ops.network_plan import plan_for
 
@@ -182,11 +183,15 @@ class MLP(nn.Module):
     has module hooks (also global ones: pruning, spectral_norm, FSDP2's `fully_shard` are hooks)
     or parametrizations (`weight_norm`, ...), the MLP calls its layers instead — the result is
     then exactly mode="layers".
-    recompute=True (network mode only) keeps just the block input and reruns the forward in
-    backward, trading one forward pass for the activations' memory.
+    mode="fused" runs the same network as one autograd node on the fused Triton kernels
+    (:mod:`manualbp.ops.fused_mlp`): the whole forward in one launch, the whole δ sweep in one;
+    for small widths (every size ≤ 128, 1 to 8 layers), CUDA (or the Triton interpreter),
+    float32/float16/bfloat16 — elsewhere a clear error that names the limit.
+    recompute=True (network and fused modes) keeps just the block input and reruns the forward
+    in backward, trading one forward pass for the activations' memory.
     """
 
-    MODES = ("network", "layers")
+    MODES = ("network", "layers", "fused")
 
     def __init__(
         self,
@@ -216,8 +221,10 @@ class MLP(nn.Module):
             raise TypeError(
                 f"recompute: expected a bool, got {type(recompute).__name__} {recompute!r}"
             )
-        if recompute and mode != "network":
-            raise ValueError(f"recompute: True needs mode='network', got mode={mode!r}")
+        if recompute and mode == "layers":
+            raise ValueError(f"recompute: True needs mode='network' or 'fused', got mode={mode!r}")
+        if mode == "fused":
+            check_fused_sizes(sizes)
         self.mode, self.recompute = mode, recompute
         # Network mode's reusable δ buffers (CPU fast path): bounded, never handed out, dropped
         # with the module; copies and pickles of the module start with an empty one.
@@ -261,6 +268,14 @@ class MLP(nn.Module):
         # The parameters straight from each layer's dict: no parametrizations here (_must_call).
         layers = cast(list[LinearAct], list(self.layers._modules.values()))
         params: list[dict[str, Any]] = [layer._parameters for layer in layers]
+        if self.mode == "fused":
+            return MF.fused_mlp(
+                input,
+                [p["weight"] for p in params],
+                [p["bias"] for p in params],
+                [layer.act for layer in layers],
+                recompute=self.recompute,
+            )
         return MF.mlp(
             input,
             [p["weight"] for p in params],

@@ -160,6 +160,33 @@ def test_triton_contender_on_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPat
         make_contenders(["nope"])
 
 
+def test_fused_contender_in_the_mlp_suite_only(tmp_path: Path) -> None:
+    """manualbp-fused (MLP(mode="fused")) times the mlp suite's train step, passing the
+    correctness gate under the interpreter, and sits out the layer suite and too-wide MLPs."""
+    config = BenchConfig(
+        suites=("layer", "mlp"),
+        shapes=((37, 16, 3), (9, 130, 3)),
+        dtypes=(torch.float32,),
+        activations=("tanh",),
+        contenders=("native", "manualbp-fused"),
+        depth=2,
+        device="cpu",
+        out=tmp_path,
+        warmup_ms=0,
+        rep_ms=1,
+        threads=1,
+        ceilings=False,
+        plot=False,
+        progress=False,
+    )
+    rows = [r for r in run_benchmark(config).rows if r["contender"] == "manualbp-fused"]
+    mlp = [r for r in rows if r["suite"] == "mlp"]
+    assert [(r["N"], r["status"]) for r in mlp] == [(16, "ok"), (130, "skipped")], mlp
+    assert "128" in mlp[1]["note"] and "mode='network'" in mlp[1]["note"]
+    layer = [r for r in rows if r["suite"] == "layer"]
+    assert layer and all(r["status"] == "skipped" and "mlp suite only" in r["note"] for r in layer)
+
+
 def test_ceilings_and_roofline_are_positive() -> None:
     ceilings = measure_ceilings(torch.device("cpu"), [torch.float32], warmup_ms=0, rep_ms=1)
     assert ceilings.peak_flops[torch.float32] > 0 and ceilings.bandwidth > 0

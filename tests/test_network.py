@@ -261,7 +261,7 @@ def test_state_dict_keys_and_modes():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
-        mbp.MLP([4, 3], mode="fused")
+        mbp.MLP([4, 3], mode="fuse")
     with pytest.raises(ValueError, match="recompute"):
         mbp.MLP([4, 3], mode="layers", recompute=True)
     with pytest.raises(TypeError, match="recompute"):

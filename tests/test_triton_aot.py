@@ -2,7 +2,7 @@
 
 The test suite runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions, so the compilation runs in a subprocess with the variable removed:
-`python -m manualbp.triton_kernels.aot --arch A --set ci` compiles every kernel × dtype ×
+`python -m manualbp.triton_kernels.aot --arch A --set ci --family linear` compiles every kernel × dtype ×
 activation × flag variant a launch can specialise (bias/no bias, epilogue, split, bias-only; the
 δ pass and the split reduction) with the configuration lists the launchers select on a device of
 that capability: on sm_90 every configuration of every list, on sm_80 the first of each list
@@ -102,7 +102,8 @@ def run_watched(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str]:
 
 
 def _compile_ci_set(arch: int) -> list[dict]:
-    _, out, err = run_aot(["--arch", str(arch), "--set", "ci", "--json", "--jobs", "2", "--progress"])
+    args = ["--arch", str(arch), "--set", "ci", "--family", "linear", "--json", "--jobs", "2", "--progress"]
+    _, out, err = run_aot(args)
     assert out.strip(), f"aot printed nothing; stderr:\n{err[-4000:]}"
     return json.loads(out)
 

@@ -2,6 +2,10 @@
 
     python -m manualbp.triton_kernels.aot --arch 90 80 --json      # all variants, JSON records
     python -m manualbp.triton_kernels.aot --arch 90                # a Markdown table
+    python -m manualbp.triton_kernels.aot --family fused --json    # the fused MLP's only
+
+The default family "all" compiles the linear kernels' variants (`aot_variants`) and the fused
+MLP's (`aot_fused`: mlp_forward, mlp_backward, mlp_grad_weight, mlp_reduce records).
 
 Each variant (kernel × dtype × activation × flags × launch configuration) is compiled as a launch
 would compile it ("AOT = launch"): the real launcher is called on stand-in CPU tensors of a
@@ -39,6 +43,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from . import aot_fused
 from .aot_inspect import (  # noqa: F401  (re-exported: aot.ring_report, aot.cost_model, …)
     _SASS_LINE,
     cost_model,
@@ -145,6 +150,7 @@ def check(record: dict) -> list[str]:
         )
     if not record.get("launch_specialized"):
         problems.append("not compiled with the specialisation of a launch")
+    problems += aot_fused.check(record)
     problems += ring_problems(record.get("rings", []))
     if sixteen_bit_sm90_gemm(record):
         if not record["hgmma"]:
@@ -156,20 +162,39 @@ def check(record: dict) -> list[str]:
     return problems
 
 
-def run(archs, jobs: int, selection: str = "full", progress: bool = False, dtypes=None) -> list[dict]:
+FAMILIES = ("all", "linear", "fused")
+
+
+def _compile_any(job: tuple[Variant, int]) -> dict:
+    """`compile_one`, or `aot_fused.compile_one` for the fused MLP's kernels (mlp_*)."""
+    if job[0].kernel in aot_fused.KERNELS:
+        return aot_fused.compile_one(job)
+    return compile_one(job)
+
+
+def run(
+    archs, jobs: int, selection: str = "full", progress: bool = False, dtypes=None, family: str = "all"
+) -> list[dict]:
+    """Compile every variant of `family`: the linear kernels' (`aot_variants.variants`), the
+    fused MLP's (`aot_fused.variants`), or both ("all")."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
-    work = [w for w in variants(archs, selection) if dtypes is None or w[0].dtype in dtypes]
+    if family not in FAMILIES:
+        raise ValueError(f"family: got {family!r}, expected one of {', '.join(FAMILIES)}")
+    work = variants(archs, selection) if family != "fused" else []
+    if family != "linear":
+        work += aot_fused.variants(archs, selection)
+    work = [w for w in work if dtypes is None or w[0].dtype in dtypes]
     import multiprocessing
 
     records = []
     with contextlib.ExitStack() as stack:
         if jobs <= 1:
-            results = map(compile_one, work)
+            results = map(_compile_any, work)
         else:
             context = multiprocessing.get_context("fork")
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, mp_context=context))
-            results = pool.map(compile_one, work, chunksize=1)
+            results = pool.map(_compile_any, work, chunksize=1)
         for i, record in enumerate(results):
             records.append(record)
             if progress:  # one JSON line per variant on stderr: what a watchdog reads
@@ -207,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         default="full",
         help="full: every variant and every config of each list; ci: first configs off sm_90",
     )
+    parser.add_argument(
+        "--family", choices=FAMILIES, default="all",
+        help="linear: the layer kernels; fused: the fused MLP's (aot_fused.py); all: both",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the JSON records to this file")
     parser.add_argument("--progress", action="store_true", help="one line per variant on stderr")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="only these dtypes")
@@ -223,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         return 1 if result["mismatches"] else 0
     t0 = time.perf_counter()
-    records = run(args.arch, args.jobs, args.selection, progress=args.progress, dtypes=args.dtype)
+    records = run(args.arch, args.jobs, args.selection, progress=args.progress, dtypes=args.dtype,
+                  family=args.family)  # fmt: skip
     bad = [r for r in records if check(r)]
     if args.out:
         args.out.write_text(json.dumps(records, indent=1))

@@ -2,6 +2,9 @@
 
 * ``manualbp-triton`` — manualbp's modules under ``mbp.use_backend("triton")``;
 * ``manualbp-torch``  — the same modules on the plain-PyTorch reference backend;
+* ``manualbp-fused``  — ``mbp.MLP(mode="fused")`` (mlp suite only): the whole stack in one
+  forward and one δ-sweep kernel; where the Triton kernels can run (CUDA, or the interpreter
+  with ``--interpreter``) and every width is ≤ 128;
 * ``native``          — ``nn.Linear`` + the activation's own torch module, eager (the baseline);
 * ``compile``         — ``torch.compile`` of native, default mode;
 * ``compile-max-autotune`` — the same in mode ``max-autotune`` (``--max-autotune``).
@@ -16,6 +19,7 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ __all__ = [
     "CONTENDER_NAMES",
     "Contender",
     "LossFn",
+    "FusedContender",
     "ManualbpContender",
     "NativeContender",
     "copy_linear_params",
@@ -41,6 +46,7 @@ LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 CONTENDER_NAMES: tuple[str, ...] = (
     "manualbp-triton",
     "manualbp-torch",
+    "manualbp-fused",
     "native",
     "compile",
     "compile-max-autotune",
@@ -86,9 +92,18 @@ class Contender:
 
     name: str = "contender"
 
+    #: the suites whose cases this contender takes part in
+    suites: tuple[str, ...] = ("layer", "mlp", "loss")
+
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this contender cannot run on `device`, or None when it can."""
         return None
+
+    def case_reason(self, device: torch.device, case: Any) -> str | None:
+        """Why this contender sits out `case` (a `cases.Case`) on `device`, or None."""
+        if case.suite not in self.suites:
+            return f"{self.name} takes part in the {', '.join(self.suites)} suite only"
+        return self.unavailable_reason(device)
 
     def context(self) -> AbstractContextManager[None]:
         """Entered around building, checking and timing (e.g. the manualbp backend in force)."""
@@ -166,6 +181,30 @@ class ManualbpContender(Contender):
             "fused": None if fused is None else (lambda x, w, b, t: fused(x, w, b, t)),
             "unfused": lambda x, w, b, t: MF.cross_entropy(MF.linear(x, w, b), t),
         }
+
+
+class FusedContender(ManualbpContender):
+    """`mbp.MLP(mode="fused")`: the fused MLP kernels, in the mlp suite."""
+
+    suites = ("mlp",)
+
+    def __init__(self) -> None:
+        super().__init__("triton")
+        self.name = "manualbp-fused"
+
+    def case_reason(self, device: torch.device, case: Any) -> str | None:
+        reason = super().case_reason(device, case)
+        if reason is None:
+            from manualbp.ops.fused_mlp import check_fused_sizes
+
+            try:
+                check_fused_sizes(case.sizes())
+            except ValueError as e:
+                return str(e)
+        return reason
+
+    def mlp_module(self, sizes: Sequence[int], activation: str) -> nn.Module:
+        return mbp.MLP(list(sizes), activation=activation, mode="fused")
 
 
 class NativeContender(Contender):
@@ -250,6 +289,8 @@ def make_contenders(names: Sequence[str]) -> list[Contender]:
             contenders.append(ManualbpContender("triton"))
         elif name == "manualbp-torch":
             contenders.append(ManualbpContender("torch"))
+        elif name == "manualbp-fused":
+            contenders.append(FusedContender())
         elif name == "native":
             contenders.append(NativeContender(None))
         elif name == "compile":

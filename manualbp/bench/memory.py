@@ -77,7 +77,7 @@ def memory_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Cal
     rows: list[Row] = []
     for contender in contenders:
         name = contender.name
-        reason = contender.unavailable_reason(env.device)
+        reason = contender.case_reason(env.device, case)
         if reason is not None:
             rows += [
                 {

@@ -245,7 +245,7 @@ def _layer_contender(
     reference: Reference,
 ) -> list[Row]:
     name, ref = contender.name, dtype_name(reference.dtype)
-    reason = contender.unavailable_reason(env.device)
+    reason = contender.case_reason(env.device, case)
     if reason is not None:
         return _status_rows(case, LAYER_OPS, "", name, "skipped", reason)
     with contender.context():
@@ -332,7 +332,7 @@ def _mlp_contender(
     reference: Reference,
 ) -> list[Row]:
     name, ref, ops = contender.name, dtype_name(reference.dtype), ("train_step",)
-    reason = contender.unavailable_reason(env.device)
+    reason = contender.case_reason(env.device, case)
     if reason is not None:
         return _status_rows(case, ops, "", name, "skipped", reason)
     with contender.context():
@@ -389,7 +389,7 @@ def _loss_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Call
 
     rows: list[Row] = []
     for contender in contenders:
-        reason = contender.unavailable_reason(env.device)
+        reason = contender.case_reason(env.device, case)
         if reason is not None:
             rows += _status_rows(case, ("fwd+bwd",), "", contender.name, "skipped", reason)
             tick()

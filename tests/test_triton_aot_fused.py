@@ -1,0 +1,104 @@
+"""Ahead-of-time compilation of the fused MLP kernels for sm_90 and sm_80, without a GPU.
+
+`python -m manualbp.triton_kernels.aot --family fused --set ci --arch 90 80 --json` (the records
+are also part of the default `aot --json`) compiles, per arch, a few networks' training step —
+`mlp_forward`, and `mlp_backward` (the δ sweep) with `mlp_grad_weight`, or for the small
+stacks that take it the accumulating sweep `mlp_backward_acc` — as the launchers in
+`fused_mlp.py` specialise them (stand-in tensors through Triton's binder), and inspects each
+cubin as the linear kernels are: no spills, HGMMA on sm_90 for 16-bit (an MMA on sm_80), and in
+the weight gradient's loop over rows HGMMA that is not serialised, with shared-memory rings of
+enough slots.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_triton_aot import run_aot
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.aot
+
+KERNELS = ("mlp_forward", "mlp_backward", "mlp_grad_weight", "mlp_backward_acc")
+
+
+def test_aot_compile_fused_mlp_sm90_sm80() -> None:
+    args = ["--family", "fused", "--set", "ci", "--arch", "90", "80", "--json", "--jobs", "2"]
+    code, out, err = run_aot(args)
+    assert out.strip(), f"aot printed nothing; stderr:\n{err[-4000:]}"
+    records = json.loads(out)
+
+    from manualbp.triton_kernels import aot
+    from manualbp.triton_kernels.aot_fused import NETS_CI, _flags, kernels_of
+
+    problems = {f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['flags']}": aot.check(r) for r in records}
+    assert {k: v for k, v in problems.items() if v} == {}
+    assert len(records) <= 12  # each compile costs CI seconds
+    seen = {(r["kernel"], r["arch"], r["dtype"], r["act"], r["flags"]) for r in records}
+    expected = {
+        (kernel, arch, net[0], net[5], _flags(net)) for arch, nets in NETS_CI.items() for net in nets
+        for kernel in kernels_of(net)
+    }  # fmt: skip
+    assert seen == expected
+    assert {r["kernel"] for r in records} == set(KERNELS)  # both backward paths are compiled
+    for r in records:
+        name = f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['flags']}"
+        assert r["launch_specialized"] and r["stack"] == 0 and r["spill_insts"] == 0, name
+        if r["dtype"] == "fp32":
+            continue
+        if r["arch"] == 80:
+            assert r["mma"] and not r["hgmma"], name
+            continue
+        assert r["hgmma"], name
+        if r["kernel"] == "mlp_grad_weight":
+            assert r["gemm"] and r["loop_hgmma"] >= 1 and r["wgmma_serialized"] is False, name
+            assert r["rings"] and all(g["slots"] >= g["needed"] for g in r["rings"]), name
+        elif r["kernel"] != "mlp_backward_acc":  # one dot a layer, waiting for the one before
+            depth = len(r["flags"].split()[0].split("=")[1].split("-")) - 1
+            assert 1 <= r["layer_waits"] <= depth + 1, name
+    assert code == 0, err[-4000:]
+
+
+def test_default_aot_run_includes_the_fused_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m manualbp.triton_kernels.aot --json` (family "all") compiles the fused MLP's
+    variants beside the linear ones; "linear" leaves them out (what test_triton_aot.py checks)."""
+    from manualbp.triton_kernels import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # run() refuses interpreted kernels; none compile
+    monkeypatch.setattr(aot, "_compile_any", lambda job: {"kernel": job[0].kernel})
+    kernels = {r["kernel"] for r in aot.run((90,), jobs=1, selection="ci")}
+    assert set(KERNELS) <= kernels and "forward" in kernels
+    linear = {r["kernel"] for r in aot.run((90,), jobs=1, selection="ci", family="linear")}
+    assert not linear & set(KERNELS)
+
+
+def test_cost_model_table_is_the_committed_one() -> None:
+    """experiments/results/fused_mlp_model.md is what its command prints now, and the model
+    counts what it says: 4 fused launches against 6 a layer (less the first layer's input
+    gradient and the identity last layer's activation) at the 5 µs launch floor; 3 where the
+    accumulating sweep takes the stack."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from manualbp.triton_kernels import aot_fused_model as model
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert model.main([]) == 0
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "results" / "fused_mlp_model.md"
+    assert committed.read_text() == out.getvalue()
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 27
+    # 2^12 rows are launch-bound on both sides: 4 launches, and 6 per layer less 2 for the first
+    # and 2 for the last (21 at 4 layers)
+    assert model.fused_step(64, 4, 2**12) == pytest.approx(4 * model.LAUNCH_S)
+    assert model.eager_step(64, 4, 2**12) == pytest.approx(21 * model.LAUNCH_S)
+    assert model.fused_step(32, 2, 2**12) == pytest.approx(3 * model.LAUNCH_S)  # accumulating
+    for W in model.WIDTHS:
+        for L in model.DEPTHS:
+            for M in model.ROWS:
+                assert 0 < model.fused_step(W, L, M) < model.eager_step(W, L, M)

@@ -1,0 +1,224 @@
+"""Ahead-of-time compilation of the fused MLP kernels (`fused_mlp.py`) for sm_90 and sm_80.
+
+    python -m manualbp.triton_kernels.aot --family fused --arch 90 80 --json
+
+(also part of the default `python -m manualbp.triton_kernels.aot --json`). Each variant is one
+network shape — the fused kernels are specialised on the depth, the padded widths and the
+activations, which are constexprs — compiled as a launch of the real launchers in `fused_mlp.py`
+on stand-in tensors would compile it (`aot_launch.launched_on`), and inspected as the linear
+kernels are (`aot.compile_one`'s fields, `aot.check`): no spills, and for 16-bit on sm_90
+HGMMA. `mlp_grad_weight` is the one with a reduction loop (over rows): it is a `gemm` record,
+so `aot.check` also requires HGMMA in that loop, not serialised, and shared-memory rings with
+enough slots. The two sweeps have no K-loop (a layer is one dot of K = width ≤ 128); their
+wgmma of layer l + 1 waits for layer l by data dependence (`layer_waits` counts those waits).
+
+The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`) is recorded where a launch
+takes it (`fused_mlp_acc.fits`). Known, and why the recorded networks avoid it: at width 128
+the elementwise code of the gelu-class activations (gelu, gelu_tanh, silu, mish, softplus)
+over a 64 × 128 tile spills in the split δ sweep on sm_90 — ptxas schedules each operation
+over all 32 elements a thread holds; relu, leaky_relu, sigmoid, tanh at 128 and every
+activation at ≤ 64 do not. A spill costs speed, not correctness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import aot_variants
+
+# (dtype, input width, hidden width, depth, output width, activation, bias): small input and
+# output widths (a coordinate net, 2 → 3) exercise the in-kernel padding.
+NETS_CI = {
+    90: [("bf16", 2, 64, 4, 3, "silu", True), ("fp16", 128, 128, 4, 128, "relu", False),
+         ("bf16", 2, 64, 2, 3, "silu", True)],
+    80: [("bf16", 2, 64, 2, 3, "silu", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
+}
+_EXTRA = [("bf16", 64, 64, 8, 64, "gelu", True), ("fp16", 32, 32, 4, 1, "mish", True),
+          ("bf16", 3, 128, 8, 1, "tanh", True), ("fp16", 64, 64, 2, 64, "gelu", False),
+          ("fp16", 32, 32, 2, 32, "mish", False)]
+NETS_FULL = {arch: [*dict.fromkeys([*NETS_CI[90], *NETS_CI[80], *_EXTRA])] for arch in NETS_CI}
+SWEEPS = ("mlp_forward", "mlp_backward", "mlp_backward_acc")
+KERNELS = (*SWEEPS, "mlp_grad_weight", "mlp_reduce")
+
+
+def kernels_of(net: tuple) -> tuple[str, ...]:
+    """What a training step of `net` launches besides the reduction: the forward, and the
+    accumulating δ sweep where its accumulators fit (`fused_mlp_acc.fits`), else the split
+    δ sweep and the weight-gradient loop."""
+    from . import fused_mlp, fused_mlp_acc
+    from .activations import ACTIVATION_IDS
+
+    acts = [ACTIVATION_IDS[net[5]]] * (net[3] - 1) + [0]  # as _call_launchers builds it
+    plan = fused_mlp.Plan(_dims(net), acts, [0.0] * net[3], [net[6]] * net[3])
+    if fused_mlp_acc.fits(plan):
+        return ("mlp_forward", "mlp_backward_acc")
+    return ("mlp_forward", "mlp_backward", "mlp_grad_weight")
+
+
+def _flags(net: tuple) -> str:
+    dims = "-".join(str(d) for d in _dims(net))
+    return f"dims={dims}{' bias' if net[6] else ''}"
+
+
+def _dims(net: tuple) -> list[int]:
+    _, n_in, width, depth, n_out, _, _ = net
+    return [n_in, *([width] * (depth - 1)), n_out]
+
+
+def variants(archs=aot_variants.ARCHS, selection: str = "ci") -> list[tuple[aot_variants.Variant, int]]:
+    """Per arch and network: the three kernels of the step (forward, δ sweep, weight gradient);
+    in "full" also the reduction once per arch (elementwise, its dtype only): 12 for "ci"."""
+    out = []
+    for arch in archs:
+        nets = (NETS_FULL if selection == "full" else NETS_CI).get(arch, NETS_CI[90])
+        for net in nets:
+            for kernel in kernels_of(net):
+                config = _config_name(kernel, net, arch)
+                gemm = kernel == "mlp_grad_weight" and _wgmma_wide(net)
+                out.append((aot_variants.Variant(kernel, arch, net[0], net[5], _flags(net), config, gemm), 0))
+        if selection == "full":
+            out.append((aot_variants.Variant("mlp_reduce", arch, nets[0][0], "-", "-", "256 w4", False), 0))
+    return out
+
+
+def _wgmma_wide(net: tuple) -> bool:
+    """Whether the weight-gradient dots can be wgmma: δᵀ gives the dot's M = the layer's output
+    width, and a warpgroup's wgmma needs M ≥ 64 (narrower layers compile to mma.sync)."""
+    from . import fused_mlp
+
+    return max(fused_mlp.padded(d) for d in _dims(net)[1:]) >= 64
+
+
+def _config_name(kernel: str, net: tuple, arch: int) -> str:
+    from . import fused_mlp
+
+    width = max(fused_mlp.padded(d) for d in _dims(net))
+    if kernel == "mlp_grad_weight":
+        c = fused_mlp.grad_weight_launch(width, _torch_dtype(net[0]), (arch // 10, arch % 10))
+        return f"{c['BLOCK_M']} w{c['num_warps']} s{c['num_stages']}"
+    if kernel == "mlp_backward_acc":
+        from . import fused_mlp_acc
+
+        c = fused_mlp_acc.GPU_LAUNCH
+        return f"{c['BLOCK_M']} w{c['num_warps']}"
+    c = fused_mlp.gpu_launch(width, kernel.removeprefix("mlp_"))
+    return f"{c['BLOCK_M']} w{c['num_warps']}"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _net(variant: aot_variants.Variant) -> tuple:
+    nets = NETS_FULL.get(variant.arch, NETS_FULL[90])
+    for net in nets:
+        if net[0] == variant.dtype and net[5] == variant.act and _flags(net) == variant.flags:
+            return net
+    return nets[0]  # mlp_reduce: any network of its dtype
+
+
+def _call_launchers(variant: aot_variants.Variant) -> None:
+    """A training step's launches on contiguous stand-in CPU tensors (inside a capture)."""
+    import torch
+
+    from . import fused_mlp, fused_mlp_acc
+    from .activations import ACTIVATION_IDS
+
+    net = _net(variant)
+    dt = _torch_dtype(variant.dtype)
+    dims, depth, bias = _dims(net), net[3], net[6]
+    act = ACTIVATION_IDS[net[5]]
+    acts = [act] * (depth - 1) + [0]  # identity output layer, as a regression or a field
+    M = aot_variants.STANDIN_M
+    ws = [torch.empty((dims[i + 1], dims[i]), dtype=dt) for i in range(depth)]
+    bs = [torch.empty((dims[i + 1],), dtype=dt) if bias else None for i in range(depth)]
+    plan = fused_mlp.Plan(dims, acts, [0.01] * depth, [bias] * depth)
+    x = torch.empty((M, dims[0]), dtype=dt)
+    out, kept = fused_mlp.mlp_forward(x, ws, bs, plan)
+    backward = fused_mlp_acc.mlp_backward_accumulated if fused_mlp_acc.fits(plan) else fused_mlp.mlp_backward
+    backward(out, x, ws, kept, plan, need_x=False, need_weight=[True] * depth, need_bias=[True] * depth)
+
+
+def specialization(variant: aot_variants.Variant) -> tuple[object, dict]:
+    from . import _utils, aot_launch, fused_mlp, fused_mlp_acc
+
+    module = fused_mlp_acc if variant.kernel == "mlp_backward_acc" else fused_mlp
+    fn = getattr(module, variant.kernel + "_kernel")
+    with _utils.captured_launches((variant.arch // 10, variant.arch % 10)) as launches:
+        _call_launchers(variant)
+    launch = [launch for launch in launches if launch.kernel is fn][-1]
+    with aot_launch.launched_on(variant.arch) as seen:
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)  # type: ignore[index]
+    ((_, spec),) = seen
+    return fn, {k: spec[k] for k in aot_launch.SPEC_KEYS if k in spec}
+
+
+def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
+    """`aot.compile_one` for a fused variant: the same fields, plus `layer_waits`."""
+    import re
+    import tempfile
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import aot_inspect, aot_launch
+
+    variant, _ = job
+    record = dataclasses.asdict(variant)
+    t0 = time.perf_counter()
+    try:
+        fn, spec = specialization(variant)
+        record["launch_specialized"] = True
+        record["spec"] = aot_launch.spec_summary(fn, spec)
+        src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
+        options = {k: spec[k] for k in aot_launch.SPEC_KEYS[3:] if k in spec}
+        kernel = triton.compile(src, target=GPUTarget("cuda", variant.arch, 32), options=options)
+        record["shared"] = int(kernel.metadata.shared)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            sass = _cuobjdump(f.name)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass)
+        if m is None:
+            raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {sass[:2000]!r}")
+        record.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
+        record["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+        record["hgmma"] = "HGMMA" in sass
+        record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass))
+        record["tma"] = "UTMALDG" in sass
+        record.update(aot_inspect.sass_main_loop(sass))
+        record["sass_insts"] = len(aot_inspect._SASS_LINE.findall(sass))
+        record["layer_waits"] = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", sass))
+        record["rings"] = aot_inspect.ring_report(kernel.asm["ttgir"])
+        record["model"] = None
+        record["error"] = None
+    except Exception as err:  # recorded so that one failure does not hide the others
+        record["error"] = f"{type(err).__name__}: {err}"
+    record["compile_s"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+def _cuobjdump(cubin: str) -> str:
+    """`cuobjdump -res-usage -sass` of a cubin, with the cuobjdump shipped in the Triton wheel
+    (as `aot._cuobjdump`; this module is imported by `aot`, so it does not import it back)."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cmd = [str(tool), "-res-usage", "-sass", cubin]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def check(record: dict) -> list[str]:
+    """The sweeps' own check beyond `aot.check`: a 16-bit sweep on sm_90 uses wgmma."""
+    if record["error"] or record["kernel"] not in SWEEPS:
+        return []
+    if record["arch"] >= 90 and record["dtype"] != "fp32" and not record["hgmma"]:
+        return ["no HGMMA in the SASS of a 16-bit fused sweep on sm_90"]
+    return []

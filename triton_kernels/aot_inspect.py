@@ -53,10 +53,14 @@ def ring_report(ttgir: str) -> list[dict]:
     """
     lines = ttgir.splitlines()
     rings: dict[str, dict] = {}
-    alloc = re.compile(r"(%[\w.#]+) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x")
+    alloc = re.compile(
+        r"(%[\w.#]+) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x([\dx]*)(\w+?),"
+    )
     for n, line in enumerate(lines):
         m = alloc.search(line)
-        if m:
+        # An i64 array is the mbarriers of a TMA pipeline, which every TMA copy names as an
+        # operand (its completion barrier): not an operand ring.
+        if m and m[5] != "i64":
             rings[m[1]] = {"ring": m[1], "slots": int(m[2]), "line": n, "views": {m[1]}}
     # Views of each ring (memdesc_index / _trans / _subslice / _reinterpret …), to a fixed point.
     changed = True

@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 from manualbp.triton_kernels import _utils  # noqa: E402
 from manualbp.triton_kernels.activations import NAMES  # noqa: E402
 from manualbp.triton_kernels.linear_forward import linear_forward  # noqa: E402
+from manualbp.triton_kernels.linear_grad_input import linear_grad_input  # noqa: E402
 
 from manualbp.activations import get_activation  # noqa: E402
 from manualbp.backends import triton as backend  # noqa: E402
@@ -100,6 +101,39 @@ def test_forward_tma_single_row_and_k_tail():
     x, w, b = _randn(M, K, bf16), _randn(N, K, bf16, K**-0.5), _randn(1, N, bf16)[0]
     a, _ = linear_forward(x, w, b, 0)
     assert rel_err(a, F.linear(x.double(), w.double(), b.double())) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_input_tma_parity(name, dtype):
+    """grad_input = δ W through descriptor loads, for δ of every activation (formed by the δ
+    pass, as on sm_90) and for every f′_prev epilogue (δ⁽ˡ⁻¹⁾ of the layer below)."""
+    act = _act(name)
+    M, N, K = SHAPES[NAMES.index(name) % 2]
+    g, w = _randn(M, N, dtype), _randn(N, K, dtype, N**-0.5)
+    z, z_prev = _randn(M, N, dtype), _randn(M, K, dtype)
+    saved, prev_saved = _saved(act, z), _saved(act, z_prev)
+    expected = [("grad_input_kernel", TMA_EXPECTED)]
+    assert tma_flags(linear_grad_input, g, w, saved, act.kernel_id, act.negative_slope) == expected
+    out = linear_grad_input(g, w, saved, act.kernel_id, act.negative_slope)
+    assert rel_err(out, _delta_ref(act, g, z) @ w.double()) <= TOL[dtype], (M, N, K)
+    # The same activation as the layer below's: its f′ applied in the epilogue.
+    kw = dict(prev_act_id=act.kernel_id, prev_saved=prev_saved, prev_negative_slope=act.negative_slope)
+    assert tma_flags(linear_grad_input, g, w, **kw) == expected
+    out = linear_grad_input(g, w, **kw)
+    assert rel_err(out, _delta_ref(act, g.double() @ w.double(), z_prev)) <= TOL[dtype], (M, N, K)
+
+
+def _delta_ref(act, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """grad ⊙ f′(z) by float64 native autograd."""
+    z64 = z.double().requires_grad_()
+    act.native()(z64).backward(grad.double())
+    return z64.grad
+
+
+def _saved(act, z: torch.Tensor) -> torch.Tensor:
+    """What a forward saves for f′: a = f(z) (rounded to the dtype) or z itself."""
+    return act.native()(z.double()).to(z.dtype) if act.uses_output else z
 
 
 def _layouts(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, bool]]:

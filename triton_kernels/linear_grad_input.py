@@ -52,44 +52,63 @@ def grad_input_kernel(
     PREV_ACT: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Output tile (pid_m, pid_k) of the (M, K) result; the reduction runs over N.
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
+    # Output tiles (pid_m, pid_k) of the (M, K) result; the reduction runs over N.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    if USE_TMA:
+        # Hopper: δ and W tiles by TMA (see linear_forward_kernel); the launcher checked the rules.
+        g_desc = tl.make_tensor_descriptor(grad_ptr, [M, N], [stride_gm, 1], [BLOCK_M, BLOCK_N])
+        w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+    # Persistent with TMA (one program per SM); otherwise one tile per program.
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_k, tl.num_programs(0)):
+        pid_m, pid_k = grouped_tile(tile, num_pid_m, num_pid_k, GROUP_M)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_m = offs_m < M
+        mask_k = offs_k < K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask_n = n < N
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            if USE_TMA:
+                g = g_desc.load([pid_m * BLOCK_M, n0])  # (BLOCK_M, BLOCK_N)
+                w = w_desc.load([n0, pid_k * BLOCK_K])  # (BLOCK_N, BLOCK_K)
+            else:
+                g = tl.load(
+                    grad_ptr + offs_m[:, None] * stride_gm + n[None, :] * stride_gn, mask=mask_mn, other=0.0
+                )
+                w = tl.load(
+                    w_ptr + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
+            if ACT != IDENTITY:
+                s = tl.load(
+                    saved_ptr + offs_m[:, None] * stride_sm + n[None, :] * stride_sn, mask=mask_mn, other=0.0
+                )
+                # δ in fp32, rounded to the storage dtype like a materialised δ would be.
+                delta = downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
+            else:
+                delta = g
+            acc = tl.dot(upcast(delta, UPCAST), upcast(w, UPCAST), acc, input_precision=INPUT_PRECISION)
+        _epilogue(
+            acc, prev_ptr, gi_ptr, offs_m, offs_k, mask_m, mask_k,
+            stride_pm, stride_pk, stride_im, stride_ik, prev_negative_slope, PREV_ACT, UPCAST,
+        )  # fmt: skip
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + offs_n
-        mask_n = n < N
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        g = tl.load(
-            grad_ptr + offs_m[:, None] * stride_gm + n[None, :] * stride_gn,
-            mask=mask_mn,
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_N)
-        if ACT != IDENTITY:
-            s = tl.load(
-                saved_ptr + offs_m[:, None] * stride_sm + n[None, :] * stride_sn,
-                mask=mask_mn,
-                other=0.0,
-            )
-            # δ in fp32, rounded to the storage dtype like a materialised δ would be.
-            delta = downcast(delta_tile(g, s, ACT, negative_slope, UPCAST), g.dtype, UPCAST)
-        else:
-            delta = g
-        w = tl.load(
-            w_ptr + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(upcast(delta, UPCAST), upcast(w, UPCAST), acc, input_precision=INPUT_PRECISION)
 
+@triton.jit
+def _epilogue(
+    acc, prev_ptr, gi_ptr, offs_m, offs_k, mask_m, mask_k,
+    stride_pm, stride_pk, stride_im, stride_ik, prev_negative_slope,
+    PREV_ACT: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Store the tile, multiplied by f′_prev(prev_saved) when PREV_ACT is set."""
     mask = mask_m[:, None] & mask_k[None, :]
     if PREV_ACT != IDENTITY:
         p = tl.load(
@@ -246,10 +265,12 @@ def linear_grad_input(
         PREV_ACT=prev_act_id,
         UPCAST=needs_upcast(dtype),
         INPUT_PRECISION=input_precision(dtype),
+        USE_TMA=act_id == 0 and _utils.tma_path(device, dtype, grad_out, weight),
     )
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"])
+        return (_utils.persistent_programs(device, tiles) if flags["USE_TMA"] else tiles,)
 
     _utils.launch_gemm(
         grad_input_kernel, grid, args, flags,

@@ -27,6 +27,7 @@ from manualbp.triton_kernels import _utils  # noqa: E402
 from manualbp.triton_kernels.activations import NAMES  # noqa: E402
 from manualbp.triton_kernels.linear_forward import linear_forward  # noqa: E402
 from manualbp.triton_kernels.linear_grad_input import linear_grad_input  # noqa: E402
+from manualbp.triton_kernels.linear_grad_weight import linear_grad_weight  # noqa: E402
 
 from manualbp.activations import get_activation  # noqa: E402
 from manualbp.backends import triton as backend  # noqa: E402
@@ -124,6 +125,52 @@ def test_grad_input_tma_parity(name, dtype):
     assert rel_err(out, _delta_ref(act, g.double() @ w.double(), z_prev)) <= TOL[dtype], (M, N, K)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_weight_tma_parity(name, dtype):
+    """(grad_weight, grad_bias) = (δᵀx, Σδ) through descriptor loads, δ of every activation
+    (the δ pass, as on sm_90), without a split and split over M (3 ranges of 64 rows, tiles
+    ending at the range boundaries and past M), bias fused, absent and alone."""
+    act = _act(name)
+    M, N, K = 131 + 40 * (NAMES.index(name) % 2), 72, 40
+    g, x, z = _randn(M, N, dtype), _randn(M, K, dtype), _randn(M, N, dtype)
+    delta = _delta_ref(act, g, z)
+    gw_ref, gb_ref = delta.t() @ x.double(), delta.sum(0)
+    args = (g, x, _saved(act, z), act.kernel_id, act.negative_slope)
+    for split in (1, 3):
+        assert tma_flags(linear_grad_weight, *args, split_k=split) == [("grad_weight_kernel", TMA_EXPECTED)]
+        gw, gb = linear_grad_weight(*args, split_k=split)
+        assert rel_err(gw, gw_ref) <= TOL[dtype], split
+        assert rel_err(gb, gb_ref) <= TOL[dtype], split
+    gw, gb = linear_grad_weight(*args, need_bias=False, split_k=1)
+    assert gb is None and rel_err(gw, gw_ref) <= TOL[dtype]
+    # Bias alone: no weight tiles, nothing for a descriptor to load.
+    assert tma_flags(linear_grad_weight, *args, need_weight=False) == [("grad_weight_kernel", False)]
+    gw, gb = linear_grad_weight(*args, need_weight=False)
+    assert gw is None and rel_err(gb, gb_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_falls_back_to_pointers(dtype):
+    """grad_input and grad_weight take the pointer path where an operand is no valid TMA base
+    (each layout of `_layouts` in the place of each operand), with the same results."""
+    M, K = 40, 64  # operands (40, 64) and (64, 64): each layout in each place
+    square_layouts = _layouts(dtype, 64)
+    for label, (t, ok) in _layouts(dtype).items():
+        square = _randn(64, 64, dtype, 0.125)
+        for g, w in ((t, square), (square[:40], square_layouts[label][0])):
+            flags = tma_flags(linear_grad_input, g, w)
+            assert flags == [("grad_input_kernel", ok and TMA_EXPECTED)], label
+            assert rel_err(linear_grad_input(g, w), g.double() @ w.double()) <= TOL[dtype], label
+        x = _randn(M, K, dtype)
+        for g, xx in ((t, x), (x, t)):
+            flags = tma_flags(linear_grad_weight, g, xx, split_k=1)
+            assert flags == [("grad_weight_kernel", ok and TMA_EXPECTED)], label
+            gw, gb = linear_grad_weight(g, xx, split_k=1)
+            assert rel_err(gw, g.double().t() @ xx.double()) <= TOL[dtype], label
+            assert rel_err(gb, g.double().sum(0)) <= TOL[dtype], label
+
+
 def _delta_ref(act, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """grad ⊙ f′(z) by float64 native autograd."""
     z64 = z.double().requires_grad_()
@@ -136,16 +183,16 @@ def _saved(act, z: torch.Tensor) -> torch.Tensor:
     return act.native()(z.double()).to(z.dtype) if act.uses_output else z
 
 
-def _layouts(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, bool]]:
-    """Operands of shape (40, 64) and whether a descriptor can address them."""
-    base = _randn(41, 72, dtype)
+def _layouts(dtype: torch.dtype, rows: int = 40) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Operands of shape (rows, 64) and whether a descriptor can address them."""
+    base = _randn(rows + 1, 72, dtype)
     return {
-        "contiguous": (_randn(40, 64, dtype), True),
-        "padded rows (stride 72)": (base[:40, :64], True),
-        "transposed": (_randn(64, 40, dtype).t(), False),
-        "column step 2": (_randn(40, 128, dtype)[:, ::2], False),
-        "row stride 65 (130 bytes)": (_randn(40, 65, dtype)[:, :64], False),
-        "base 2 bytes past alignment": (base.flatten()[1 : 1 + 40 * 72].view(40, 72)[:, :64], False),
+        "contiguous": (_randn(rows, 64, dtype), True),
+        "padded rows (stride 72)": (base[:rows, :64], True),
+        "transposed": (_randn(64, rows, dtype).t(), False),
+        "column step 2": (_randn(rows, 128, dtype)[:, ::2], False),
+        "row stride 65 (130 bytes)": (_randn(rows, 65, dtype)[:, :64], False),
+        "base 2 bytes past alignment": (base.flatten()[1 : 1 + rows * 72].view(rows, 72)[:, :64], False),
     }
 
 

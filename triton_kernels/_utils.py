@@ -240,9 +240,9 @@ def tma_path(device: torch.device, dtype: torch.dtype, *operands: torch.Tensor |
 
 def descriptor_ok(t: torch.Tensor) -> bool:
     """A 2-D tensor a TMA descriptor can address: unit last stride, row stride and base address
-    multiples of 16 bytes, no empty dimension."""
-    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0 or t.stride(1) != 1:
-        return False
+    multiples of 16 bytes, sizes in 1 … 2³¹ - 1."""
+    if t.dim() != 2 or not 0 < t.shape[0] < 2**31 or not 0 < t.shape[1] < 2**31 or t.stride(1) != 1:
+        return False  # (coordinates and sizes of a descriptor are 32-bit)
     size = t.element_size()
     if (t.stride(0) * size) % 16 or t.stride(0) < t.shape[1]:
         return False
@@ -252,10 +252,13 @@ def descriptor_ok(t: torch.Tensor) -> bool:
         return (t.storage_offset() * size) % 16 == 0
 
 
-def persistent_programs(device: torch.device, tiles: int) -> int:
-    """Programs of a persistent launch: one per SM (3 under the interpreter, so that the tile
-    loop strides), never more than the tiles."""
-    return max(1, min(tiles, num_sms(device) if device.type == "cuda" else 3))
+def persistent_programs(device: torch.device, tiles: int, split: int = 1) -> int:
+    """Programs per grid row of a persistent launch: two per SM over the `split` rows (a second
+    resident program's main loop hides one's epilogue, as two CTAs per SM do without
+    persistence; 3 in all under the interpreter, so that the tile loop strides), never more
+    than the tiles."""
+    programs = 2 * num_sms(device) if device.type == "cuda" else 3
+    return max(1, min(tiles, programs // split))
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:

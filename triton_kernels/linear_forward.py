@@ -65,38 +65,62 @@ def linear_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA:
         # Hopper: operand tiles by TMA (no per-step address arithmetic, out-of-range zeros);
         # the launcher checked the descriptor rules (unit last stride, 16-byte alignment).
+        # Persistent: the programs stride over the tiles.
         x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
-    # Persistent with TMA (one program per SM, flattened so that the next tile's loads overlap
-    # this tile's epilogue); otherwise one tile per program and the loop runs once.
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
-        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        # Row and column indices in int64: M·K and M·N may pass 2³¹ elements.
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if USE_TMA:
-                x = x_desc.load([pid_m * BLOCK_M, k0])
-                w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))  # (BLOCK_K, BLOCK_N)
-            else:
-                x, w = _operand_tiles(
-                    x_ptr, w_ptr, offs_m, offs_n, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                    mask_m, mask_n, BLOCK_K,
-                )  # fmt: skip
-            acc = tl.dot(upcast(x, UPCAST), upcast(w, UPCAST), acc, input_precision=INPUT_PRECISION)
-        _epilogue(
-            acc, b_ptr, a_ptr, z_ptr, offs_m, offs_n, mask_m, mask_n,
-            stride_am, stride_an, stride_zm, stride_zn, negative_slope,
-            ACT, HAS_BIAS, STORE_Z, UPCAST,
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _forward_tile(
+                tile, x_desc, w_desc, b_ptr, a_ptr, z_ptr, M, N, K,
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_an, stride_zm, stride_zn,
+                negative_slope, ACT, HAS_BIAS, STORE_Z, UPCAST, INPUT_PRECISION, USE_TMA,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
+    else:
+        # One tile per program, no tile loop: an outer loop made float32 tiles spill.
+        _forward_tile(
+            tl.program_id(0), x_ptr, w_ptr, b_ptr, a_ptr, z_ptr, M, N, K,
+            stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_an, stride_zm, stride_zn,
+            negative_slope, ACT, HAS_BIAS, STORE_Z, UPCAST, INPUT_PRECISION, USE_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+
+
+@triton.jit
+def _forward_tile(
+    tile, x_src, w_src, b_ptr, a_ptr, z_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_an, stride_zm, stride_zn,
+    negative_slope,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One output tile; x_src and w_src are tensor descriptors (USE_TMA) or pointers."""
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # Row and column indices in int64: M·K and M·N may pass 2³¹ elements.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if USE_TMA:
+            x = x_src.load([pid_m * BLOCK_M, k0])
+            w = tl.trans(w_src.load([pid_n * BLOCK_N, k0]))  # (BLOCK_K, BLOCK_N)
+        else:
+            x, w = _operand_tiles(
+                x_src, w_src, offs_m, offs_n, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                mask_m, mask_n, BLOCK_K,
+            )  # fmt: skip
+        acc = tl.dot(upcast(x, UPCAST), upcast(w, UPCAST), acc, input_precision=INPUT_PRECISION)
+    _epilogue(
+        acc, b_ptr, a_ptr, z_ptr, offs_m, offs_n, mask_m, mask_n,
+        stride_am, stride_an, stride_zm, stride_zn, negative_slope,
+        ACT, HAS_BIAS, STORE_Z, UPCAST,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -208,7 +208,9 @@ def _check_tensor_cores(records, arch):
         assert len(r["rings"]) >= 2, name
         for g in r["rings"]:
             assert g["slots"] >= g["needed"] > g["ahead"] >= 2 and g["async_readers"] >= 1, (name, g)
-        assert r["loop_insts"] and r["loop_bars"] <= 3, name  # no per-step cross-warp reduction
+        # No per-step cross-warp reduction (the Σδ one had 9 BARs): the TMA pipeline's own
+        # CTA barriers (every warp done with a slot before one thread refills it) are 4.
+        assert r["loop_insts"] and r["loop_bars"] <= 4, name
 
 
 def _check_launch_specialisation(records):

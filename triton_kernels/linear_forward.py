@@ -236,6 +236,13 @@ linear_forward_autotuned = {
 }
 
 
+# Two paths in the one kernel, chosen by the USE_TMA constexpr (`_utils.tma_path`; the same in
+# grad_input and grad_weight): on sm_90+ with 16-bit operands that a TMA descriptor can address
+# (unit last stride, 16-byte aligned base and row stride) the operand tiles come by TMA from
+# in-kernel tensor descriptors (zero-padded past the edges, no per-step address arithmetic)
+# and the launch is persistent (`_utils.persistent_programs`: 2 programs per SM striding over
+# the tiles); everywhere else (sm_80, float32, strided views) one program per tile loads
+# through pointers (cp.async).
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -33,7 +33,7 @@ from ._utils import (
     needs_upcast,
     upcast,
 )
-from .activations import IDENTITY, act_grad, check_act_id, delta_tile, uses_output
+from .activations import IDENTITY, RELU, act_grad, check_act_id, delta_tile, uses_output
 from .delta import linear_delta
 from .linear_forward import grouped_tile
 
@@ -140,7 +140,14 @@ def _epilogue(
             mask=mask,
             other=0.0,
         )
-        acc = act_grad(acc, upcast(p, UPCAST).to(tl.float32), PREV_ACT, prev_negative_slope)
+        p32 = upcast(p, UPCAST).to(tl.float32)
+        if PREV_ACT == RELU:
+            # act_grad's select with its 0 taken from the data: a relu output is ±0 where
+            # a <= 0, so a · 0 is that 0 (NaN a keeps the gradient, as threshold_backward).
+            # With the constant 0, Triton 3.6's ptxas serialises the wgmma of the TMA loop.
+            acc = tl.where(p32 <= 0.0, p32 * 0.0, acc)
+        else:
+            acc = act_grad(acc, p32, PREV_ACT, prev_negative_slope)
     gi_ptrs = gi_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik
     tl.store(gi_ptrs, downcast(acc, gi_ptr.dtype.element_ty, UPCAST), mask=mask)
 

@@ -186,6 +186,8 @@ def launch_gemm(
     if capture is not None:
         capture[1].append(Launch(kernel, grid, args, dict(flags), configs[flavour(capture[0])]))
         return
+    if flags.get("USE_TMA"):
+        ensure_allocator()
     if INTERPRET:
         traceable(kernel)[grid](*args, **flags, **interpreter_config.kwargs)
         return
@@ -223,6 +225,53 @@ def prologue_serializes(device: torch.device, dtype: torch.dtype) -> bool:
     """
     capability = gemm_capability(device)
     return capability is not None and capability >= (9, 0) and dtype in (torch.float16, torch.bfloat16)
+
+
+def tma_path(device: torch.device, dtype: torch.dtype, *operands: torch.Tensor | None) -> bool:
+    """USE_TMA of a GEMM launch: Hopper (sm_90+) and 16-bit, with every operand a valid TMA
+    descriptor base (`descriptor_ok`); anything else (sm_80, float32, a strided view, an odd
+    offset) keeps the cp.async pointer path of the same kernel. The interpreter takes the TMA
+    path only when a test answers `gemm_capability` as (9, 0)."""
+    capability = gemm_capability(device)
+    if capability is None or capability < (9, 0) or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return all(descriptor_ok(t) for t in operands if t is not None)
+
+
+def descriptor_ok(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: unit last stride, row stride and base address
+    multiples of 16 bytes, sizes in 1 … 2³¹ - 1."""
+    if t.dim() != 2 or not 0 < t.shape[0] < 2**31 or not 0 < t.shape[1] < 2**31 or t.stride(1) != 1:
+        return False  # (coordinates and sizes of a descriptor are 32-bit)
+    size = t.element_size()
+    if (t.stride(0) * size) % 16 or t.stride(0) < t.shape[1]:
+        return False
+    try:
+        return t.data_ptr() % 16 == 0
+    except RuntimeError:  # a traced (fake) tensor: its allocation is 16-byte aligned
+        return (t.storage_offset() * size) % 16 == 0
+
+
+def persistent_programs(device: torch.device, tiles: int, split: int = 1) -> int:
+    """Programs per grid row of a persistent launch: two per SM over the `split` rows (a second
+    resident program's main loop hides one's epilogue, as two CTAs per SM do without
+    persistence; 3 in all under the interpreter, so that the tile loop strides), never more
+    than the tiles."""
+    programs = 2 * num_sms(device) if device.type == "cuda" else 3
+    return max(1, min(tiles, programs // split))
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def ensure_allocator() -> None:
+    """In-kernel TMA descriptors live in a global scratch buffer Triton asks an allocator for
+    at launch; install one unless the caller (e.g. Inductor) has."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def gemm_config(

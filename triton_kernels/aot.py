@@ -108,6 +108,10 @@ def compile_one(job: tuple[Variant, int]) -> dict:
         fn = getattr(mod, name)
         spec = specialization(variant, config_index)
         record["launch_specialized"] = True  # derived by JITFunction.run from the launcher's args
+        # USE_TMA launches are persistent (`_utils.persistent_programs`): the cost model's case.
+        record["persistent"] = "USE_TMA" in fn.arg_names and any(
+            path == (fn.arg_names.index("USE_TMA"),) and value for path, value in spec["constants"].items()
+        )
         record["spec"] = spec_summary(fn, spec)
         src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
         options = {k: spec[k] for k in SPEC_KEYS[3:] if k in spec}

@@ -53,10 +53,14 @@ def ring_report(ttgir: str) -> list[dict]:
     """
     lines = ttgir.splitlines()
     rings: dict[str, dict] = {}
-    alloc = re.compile(r"(%[\w.#]+) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x")
+    alloc = re.compile(
+        r"(%[\w.#]+) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x([\dx]*)(\w+?),"
+    )
     for n, line in enumerate(lines):
         m = alloc.search(line)
-        if m:
+        # An i64 array is the mbarriers of a TMA pipeline, which every TMA copy names as an
+        # operand (its completion barrier): not an operand ring.
+        if m and m[5] != "i64":
             rings[m[1]] = {"ring": m[1], "slots": int(m[2]), "line": n, "views": {m[1]}}
     # Views of each ring (memdesc_index / _trans / _subslice / _reinterpret …), to a fixed point.
     changed = True
@@ -207,10 +211,17 @@ def cost_model(record: dict) -> dict | None:
     issue clk = warps × loop instructions / 4 + 40 per BAR beyond 2. Occupancy from registers
     (per-warp units of 256), shared memory (+1 KiB reserved per CTA) and 64 warps per SM.
     η_loop = min(base, tensor / issue), at most tensor / (tensor + issue) if serialised; base
-    0.85 for the cp.async, depth-1 wgmma loop, 0.92 for a TMA persistent one.
+    0.85 for the cp.async, depth-1 wgmma loop, 0.92 for the TMA persistent one (`persistent`:
+    USE_TMA, which the launchers always launch persistent): operand tiles by TMA, so no
+    per-K-step address arithmetic, masks or per-thread copies (its smaller `loop_insts` counts
+    in issue clk too), the class of published tensor-descriptor persistent Triton GEMMs.
     η_pe = main / (main + (1500 + epilogue issue clk) × (1 − overlap)); overlap 0 at 1 CTA/SM,
-    0.5 at 2+, 0.9 persistent; epilogue issue = warps × (SASS outside the loop) / 4.
-    η_wave = CTAs / (132 · ⌈CTAs / 132⌉).
+    0.5 at 2+ (persistent launches run 2 programs per SM, `_utils.persistent_programs`: the
+    other program's main loop covers one's epilogue; the tile loop is not flattened, so the
+    next tile's loads do not start under a program's own epilogue and the fill stays per
+    tile); epilogue issue = warps × (SASS outside the loop) / 4.
+    η_wave = tiles / (132 · ⌈tiles / 132⌉), persistent or not (a persistent program runs
+    ⌈tiles / programs⌉ or one fewer tiles: the same last partial round).
     Time = max(FLOP / (790 TFLOP/s · η_loop · η_pe · η_wave), compulsory bytes / 4.8 TB/s),
     against cuBLAS at 715 TFLOP/s (η = 0.905) on the same bytes. grad_weight is split over M
     as `choose_split` does on 132 SMs (its fp32 partials, and the bias programs' reads of δ,
@@ -221,8 +232,8 @@ def cost_model(record: dict) -> dict | None:
         return None
     m = re.match(r"(\d+)x(\d+)x(\d+) w(\d+) s(\d+)", record["config"])
     bm, bn, bk, warps = (int(m[i]) for i in range(1, 5))
-    persistent = bool(record.get("persistent"))
-    base = BASE["tma_persistent" if persistent and record["tma"] else "cp.async"]
+    persistent = bool(record.get("persistent")) and record["tma"]
+    base = BASE["tma_persistent" if persistent else "cp.async"]
     tensor = warps // 4 * record["loop_wg_macs"] / TENSOR_FMA_PER_CLK
     issue = warps * record["loop_insts"] / ISSUE_PER_CLK + BAR_CLK * max(0, record["loop_bars"] - 2)
     ctas = _ctas_per_sm(record["regs"], warps, record["shared"])
@@ -230,7 +241,7 @@ def cost_model(record: dict) -> dict | None:
     if record["wgmma_serialized"]:  # the MMAs no longer overlap the issue of the rest
         eta_loop = min(eta_loop, tensor / (tensor + issue))
     epilogue = warps * (record["sass_insts"] - record["loop_insts"]) / ISSUE_PER_CLK
-    overlap = 0.9 if persistent else (0.5 if ctas >= 2 else 0.0)
+    overlap = 0.5 if ctas >= 2 else 0.0
     out = {
         "tensor_clk": round(tensor), "issue_clk": round(issue), "ctas_per_sm": ctas,
         "eta_loop": round(eta_loop, 3), "shapes": {},

@@ -123,7 +123,7 @@ def variants(archs=ARCHS, selection: str = "full") -> list[tuple[Variant, int]]:
     "full": the first (largest) configuration of each list, and every configuration of the
         list for mish (the activation with the most elementwise work) and identity, so every
         list a launch can pick is compiled whole on every arch (448 compiles for 90 and 80).
-    "ci": the same on sm_90 (197); on the other archs only the first configuration of each
+    "ci": the same on sm_90 (199); on the other archs only the first configuration of each
         list (225 on sm_80; tests/test_triton_aot.py, one test per arch).
     Variants no launch compiles are left out: the 16-bit sm_90 δ prologues (`routed`).
     """

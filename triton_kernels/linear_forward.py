@@ -61,34 +61,96 @@ def linear_forward_kernel(
     STORE_Z: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    if USE_TMA:
+        # Hopper: operand tiles by TMA (no per-step address arithmetic, out-of-range zeros);
+        # the launcher checked the descriptor rules (unit last stride, 16-byte alignment).
+        # Persistent: the programs stride over the tiles.
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _forward_tile(
+                tile, x_desc, w_desc, b_ptr, a_ptr, z_ptr, M, N, K,
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_an, stride_zm, stride_zn,
+                negative_slope, ACT, HAS_BIAS, STORE_Z, UPCAST, INPUT_PRECISION, USE_TMA,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
+    else:
+        # One tile per program, no tile loop: an outer loop made float32 tiles spill.
+        _forward_tile(
+            tl.program_id(0), x_ptr, w_ptr, b_ptr, a_ptr, z_ptr, M, N, K,
+            stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_an, stride_zm, stride_zn,
+            negative_slope, ACT, HAS_BIAS, STORE_Z, UPCAST, INPUT_PRECISION, USE_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _forward_tile(
+    tile, x_src, w_src, b_ptr, a_ptr, z_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_an, stride_zm, stride_zn,
+    negative_slope,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One output tile; x_src and w_src are tensor descriptors (USE_TMA) or pointers."""
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     # Row and column indices in int64: M·K and M·N may pass 2³¹ elements.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        mask_k = k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_K)
-        w = tl.load(
-            w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )  # (BLOCK_K, BLOCK_N): the tile of Wᵀ
+        if USE_TMA:
+            x = x_src.load([pid_m * BLOCK_M, k0])
+            w = tl.trans(w_src.load([pid_n * BLOCK_N, k0]))  # (BLOCK_K, BLOCK_N)
+        else:
+            x, w = _operand_tiles(
+                x_src, w_src, offs_m, offs_n, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                mask_m, mask_n, BLOCK_K,
+            )  # fmt: skip
         acc = tl.dot(upcast(x, UPCAST), upcast(w, UPCAST), acc, input_precision=INPUT_PRECISION)
+    _epilogue(
+        acc, b_ptr, a_ptr, z_ptr, offs_m, offs_n, mask_m, mask_n,
+        stride_am, stride_an, stride_zm, stride_zn, negative_slope,
+        ACT, HAS_BIAS, STORE_Z, UPCAST,
+    )  # fmt: skip
 
-    # Epilogue on the fp32 accumulator: bias, then (optionally) store z, then a = f(z).
+
+@triton.jit
+def _operand_tiles(
+    x_ptr, w_ptr, offs_m, offs_n, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
+    mask_m, mask_n, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The pointer path's (BLOCK_M, BLOCK_K) tile of x and (BLOCK_K, BLOCK_N) tile of Wᵀ."""
+    k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_k = k < K
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+        mask=mask_m[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    w = tl.load(
+        w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+        mask=mask_k[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    return x, w
+
+
+@triton.jit
+def _epilogue(
+    acc, b_ptr, a_ptr, z_ptr, offs_m, offs_n, mask_m, mask_n,
+    stride_am, stride_an, stride_zm, stride_zn, negative_slope,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """On the fp32 accumulator: bias, then (optionally) store z, then a = f(z)."""
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)
         acc += upcast(b, UPCAST).to(tl.float32)[None, :]
@@ -174,6 +236,13 @@ linear_forward_autotuned = {
 }
 
 
+# Two paths in the one kernel, chosen by the USE_TMA constexpr (`_utils.tma_path`; the same in
+# grad_input and grad_weight): on sm_90+ with 16-bit operands that a TMA descriptor can address
+# (unit last stride, 16-byte aligned base and row stride) the operand tiles come by TMA from
+# in-kernel tensor descriptors (zero-padded past the edges, no per-step address arithmetic)
+# and the launch is persistent (`_utils.persistent_programs`: 2 programs per SM striding over
+# the tiles); everywhere else (sm_80, float32, strided views) one program per tile loads
+# through pointers (cp.async).
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -226,10 +295,12 @@ def linear_forward(
         STORE_Z=store_z,
         UPCAST=needs_upcast(x.dtype),
         INPUT_PRECISION=input_precision(x.dtype),
+        USE_TMA=_utils.tma_path(x.device, x.dtype, x, weight),
     )
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (_utils.persistent_programs(x.device, tiles) if flags["USE_TMA"] else tiles,)
 
     _utils.launch_gemm(
         linear_forward_kernel, grid, args, flags,

@@ -67,23 +67,62 @@ def grad_weight_kernel(
     HAS_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):  # fmt: skip
-    # Grid axis 0: first ⌈N/BLOCK_N⌉ bias programs (HAS_BIAS), then the ⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉
-    # output tiles of the (N, K) weight gradient (HAS_WEIGHT); axis 1 is the split of M.
+    # Tiles along grid axis 0: first ⌈N/BLOCK_N⌉ bias tiles (HAS_BIAS), then the
+    # ⌈N/BLOCK_N⌉·⌈K/BLOCK_K⌉ output tiles of the (N, K) weight gradient (HAS_WEIGHT); axis 1 is
+    # the split of M. Persistent with TMA (the programs of a split row stride over its tiles),
+    # otherwise one tile per program (no tile loop, as in linear_forward_kernel).
+    if USE_TMA:
+        # Hopper: δ and x tiles by TMA; a tile never crosses a split boundary (rows_per_split is
+        # a multiple of BLOCK_M) and rows past M read as zeros.
+        g_desc = tl.make_tensor_descriptor(grad_ptr, [M, N], [stride_gm, 1], [BLOCK_M, BLOCK_N])
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = (num_n if HAS_BIAS else 0) + (num_n * tl.cdiv(K, BLOCK_K) if HAS_WEIGHT else 0)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _grad_weight_tile(
+                tile, g_desc, x_desc, grad_ptr, saved_ptr, gw_ptr, gb_ptr, M, N, K, rows_per_split,
+                stride_gm, stride_gn, stride_sm, stride_sn, stride_xm, stride_xk,
+                stride_ws, stride_wn, stride_wk, stride_bs, stride_bn, negative_slope,
+                ACT, HAS_BIAS, HAS_WEIGHT, UPCAST, INPUT_PRECISION, USE_TMA,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_N,
+            )  # fmt: skip
+    else:
+        _grad_weight_tile(
+            tl.program_id(0), grad_ptr, x_ptr, grad_ptr, saved_ptr, gw_ptr, gb_ptr, M, N, K, rows_per_split,
+            stride_gm, stride_gn, stride_sm, stride_sn, stride_xm, stride_xk,
+            stride_ws, stride_wn, stride_wk, stride_bs, stride_bn, negative_slope,
+            ACT, HAS_BIAS, HAS_WEIGHT, UPCAST, INPUT_PRECISION, USE_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_N,
+        )  # fmt: skip
+
+
+@triton.jit
+def _grad_weight_tile(
+    tile, g_src, x_src, grad_ptr, saved_ptr, gw_ptr, gb_ptr, M, N, K, rows_per_split,
+    stride_gm, stride_gn, stride_sm, stride_sn, stride_xm, stride_xk,
+    stride_ws, stride_wn, stride_wk, stride_bs, stride_bn, negative_slope,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):  # fmt: skip
+    """Tile `tile` of grid axis 0 in split row program_id(1): a bias tile or a weight tile.
+    g_src and x_src are tensor descriptors (USE_TMA) or pointers; the bias tiles read δ
+    through `grad_ptr` either way."""
     num_n = tl.cdiv(N, BLOCK_N)
     num_bias = num_n if HAS_BIAS else 0
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     # This program's rows: [m_start, m_end); rows_per_split is a multiple of BLOCK_M.
     m_start = pid_s.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
-    if pid < num_bias:
-        # grad_bias[n-tile] = Σ_m δ: δ tiles added elementwise into a 2-D fp32 accumulator (no
-        # cross-thread work in the loop), its rows reduced once after it.
-        offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    if tile < num_bias:
+        # grad_bias[n-tile] = Σ_m δ: δ tiles added elementwise into a 2-D fp32 accumulator
+        # (no cross-thread work in the loop), its rows reduced once after it.
+        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
         bias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
@@ -94,27 +133,39 @@ def grad_weight_kernel(
             )  # fmt: skip
             bias_acc += upcast(delta, UPCAST).to(tl.float32)
         gb_ptrs = gb_ptr + pid_s.to(tl.int64) * stride_bs + offs_n * stride_bn
-        tl.store(gb_ptrs, downcast(tl.sum(bias_acc, axis=0), gb_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+        gb = downcast(tl.sum(bias_acc, axis=0), gb_ptr.dtype.element_ty, UPCAST)
+        tl.store(gb_ptrs, gb, mask=mask_n)
     elif HAS_WEIGHT:
-        # Output tile (pid_n, pid_k) of the (N, K) weight gradient: δᵀ x over this program's rows.
-        pid_n, pid_k = grouped_tile(pid - num_bias, num_n, tl.cdiv(K, BLOCK_K), GROUP_N)
+        # Output tile (pid_n, pid_k) of the (N, K) weight gradient: δᵀ x over this range.
+        pid_n, pid_k = grouped_tile(tile - num_bias, num_n, tl.cdiv(K, BLOCK_K), GROUP_N)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_n = offs_n < N
         mask_k = offs_k < K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            m = m0 + offs_m
-            mask_m = m < m_end
-            delta = _delta_tile(
-                grad_ptr, saved_ptr, m, offs_n, mask_m, mask_n,
-                stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, ACT, UPCAST,
-            )  # fmt: skip
-            x = tl.load(
-                x_ptr + m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_K)
+        # Rows in 32 bits for descriptor coordinates (the launcher checked M < 2³¹); the
+        # loop variable is not m0, which the bias branch holds in 64 bits.
+        if USE_TMA:
+            rows_lo = pid_s * rows_per_split
+            rows_hi = rows_lo + tl.minimum(rows_per_split, M - rows_lo)
+        else:
+            rows_lo, rows_hi = m_start, m_end
+        for r0 in range(rows_lo, rows_hi, BLOCK_M):
+            if USE_TMA:
+                delta = g_src.load([r0, pid_n * BLOCK_N])  # (BLOCK_M, BLOCK_N)
+                x = x_src.load([r0, pid_k * BLOCK_K])  # (BLOCK_M, BLOCK_K)
+            else:
+                m = r0 + offs_m
+                mask_m = m < m_end
+                delta = _delta_tile(
+                    grad_ptr, saved_ptr, m, offs_n, mask_m, mask_n,
+                    stride_gm, stride_gn, stride_sm, stride_sn, negative_slope, ACT, UPCAST,
+                )  # fmt: skip
+                x = tl.load(
+                    x_src + m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                )  # (BLOCK_M, BLOCK_K)
             acc = tl.dot(
                 tl.trans(upcast(delta, UPCAST)),
                 upcast(x, UPCAST),
@@ -343,12 +394,15 @@ def linear_grad_weight(
         HAS_WEIGHT=need_weight,
         UPCAST=needs_upcast(dtype),
         INPUT_PRECISION=input_precision(dtype),
+        # δ by TMA only as grad_out itself (ACT = identity: always so on sm_90 16-bit).
+        USE_TMA=need_weight and act_id == 0 and _utils.tma_path(device, dtype, grad_out, x),
     )
 
     def grid(meta):
         tiles_n = triton.cdiv(N, meta["BLOCK_N"])
         weight_tiles = tiles_n * triton.cdiv(K, meta["BLOCK_K"]) if need_weight else 0
-        return ((tiles_n if need_bias else 0) + weight_tiles, split)
+        tiles = (tiles_n if need_bias else 0) + weight_tiles
+        return (_utils.persistent_programs(device, tiles, split) if flags["USE_TMA"] else tiles, split)
 
     _utils.launch_gemm(
         grad_weight_kernel, grid, args, flags,

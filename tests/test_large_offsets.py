@@ -72,7 +72,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from manualbp.triton_kernels import aot, cross_entropy
+from manualbp.triton_kernels import aot, aot_ce
 import control
 
 variants, out = json.loads(sys.argv[1]), sys.argv[2]
@@ -86,14 +86,13 @@ for kernel, dtype, act, flags in variants:
     options = {k: spec[k] for k in aot.SPEC_KEYS[3:] if k in spec}
     src = ASTSource(getattr(module, name), spec["signature"], spec["constants"], spec["configs"][0])
     jobs.append((f"{kernel} {dtype} {act} {flags}", src, options))
-# The fused cross-entropy rows kernel (one program per row: row * stride_lm).
-ce = {"logits_ptr": "*fp32", "target_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
-      "lse_ptr": "*fp32", "grad_ptr": "*fp32", "C": "i32", "ignore_index": "i32", "stride_lm": "i32",
-      "stride_lc": "constexpr", "stride_gm": "i32", "stride_gc": "constexpr", "HAS_GRAD": "constexpr",
-      "UPCAST": "constexpr", "BLOCK_C": "constexpr"}
-ce_const = {"stride_lc": 1, "stride_gc": 1, "HAS_GRAD": True, "UPCAST": False, "BLOCK_C": 1024}
-ce_src = ASTSource(cross_entropy.cross_entropy_kernel, ce, ce_const)
-jobs.append(("cross_entropy fp32", ce_src, {"num_warps": 4}))
+# The fused cross-entropy rows kernel (one program per row: row * stride_lm), every option flag
+# on, as a launch of its launcher specialises it.
+ce = aot.Variant("cross_entropy", 90, "fp32", "-", "grad+all", "w4", False)
+ce_fn, ce_spec = aot_ce.specialization(ce, 0)
+ce_src = ASTSource(ce_fn, ce_spec["signature"], ce_spec["constants"], ce_spec["configs"][0])
+ce_options = {k: ce_spec[k] for k in aot.SPEC_KEYS[3:] if k in ce_spec}
+jobs.append(("cross_entropy fp32", ce_src, ce_options))
 for name in ("row_offsets_i32", "product_then_cast"):
     sig = {"x_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "K": "i32", "stride_xm": "i32",
            "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}

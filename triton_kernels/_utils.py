@@ -286,6 +286,19 @@ def gemm_config(
 
 
 @triton.jit
+def tile_count(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """⌈rows/BLOCK_R⌉ · ⌈cols/BLOCK_C⌉, the tiles a persistent loop strides over, as an i32.
+
+    A product of two run-time sizes is formed in i64 (DESIGN.md, "Conventions"). Narrowing it
+    back is exact: the tiles cover an output of rows × cols elements that fits in device memory,
+    so there are far fewer than 2³¹ of them (2³⁷ bytes of HBM / the smallest 32×64 tile), and
+    the loop counter must be i32 because TMA coordinates derived from it are.
+    """
+    tiles = tl.cdiv(rows, BLOCK_R).to(tl.int64) * tl.cdiv(cols, BLOCK_C)
+    return tiles.to(tl.int32)
+
+
+@triton.jit
 def downcast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """Round the float32 `x` to `dtype` (the storage dtype of an output or of δ).
 

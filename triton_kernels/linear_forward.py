@@ -26,6 +26,7 @@ from ._utils import (
     gemm_config,
     input_precision,
     needs_upcast,
+    tile_count,
     upcast,
 )
 from .activations import act_fn, check_act_id, uses_output
@@ -71,7 +72,7 @@ def linear_forward_kernel(
         # Persistent: the programs stride over the tiles.
         x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
-        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        num_tiles = tile_count(M, N, BLOCK_M, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _forward_tile(
                 tile, x_desc, w_desc, b_ptr, a_ptr, z_ptr, M, N, K,

@@ -31,6 +31,7 @@ from ._utils import (
     gemm_config,
     input_precision,
     needs_upcast,
+    tile_count,
     upcast,
 )
 from .activations import IDENTITY, RELU, act_grad, check_act_id, delta_tile, uses_output
@@ -60,7 +61,7 @@ def grad_input_kernel(
         # Hopper: δ and W tiles by TMA (see linear_forward_kernel), persistent tile loop.
         g_desc = tl.make_tensor_descriptor(grad_ptr, [M, N], [stride_gm, 1], [BLOCK_M, BLOCK_N])
         w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
-        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
+        num_tiles = tile_count(M, K, BLOCK_M, BLOCK_K)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _grad_input_tile(
                 tile, g_desc, w_desc, saved_ptr, prev_ptr, gi_ptr, M, N, K,

@@ -45,6 +45,7 @@ from ._utils import (
     gemm_config,
     input_precision,
     needs_upcast,
+    tile_count,
     upcast,
 )
 from .activations import IDENTITY, check_act_id, delta_tile
@@ -81,7 +82,7 @@ def grad_weight_kernel(
         g_desc = tl.make_tensor_descriptor(grad_ptr, [M, N], [stride_gm, 1], [BLOCK_M, BLOCK_N])
         x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         num_n = tl.cdiv(N, BLOCK_N)
-        num_tiles = (num_n if HAS_BIAS else 0) + (num_n * tl.cdiv(K, BLOCK_K) if HAS_WEIGHT else 0)
+        num_tiles = (num_n if HAS_BIAS else 0) + (tile_count(N, K, BLOCK_N, BLOCK_K) if HAS_WEIGHT else 0)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _grad_weight_tile(
                 tile, g_desc, x_desc, grad_ptr, saved_ptr, gw_ptr, gb_ptr, M, N, K, rows_per_split,
@@ -143,11 +144,11 @@ def _grad_weight_tile(
         mask_n = offs_n < N
         mask_k = offs_k < K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        # Rows in 32 bits for descriptor coordinates (the launcher checked M < 2³¹); the
-        # loop variable is not m0, which the bias branch holds in 64 bits.
+        # Rows in 32 bits for descriptor coordinates: narrowing the i64 range is exact, since
+        # the launcher checked M < 2³¹; the loop variable is not m0, which the bias branch holds
+        # in 64 bits.
         if USE_TMA:
-            rows_lo = pid_s * rows_per_split
-            rows_hi = rows_lo + tl.minimum(rows_per_split, M - rows_lo)
+            rows_lo, rows_hi = m_start.to(tl.int32), m_end.to(tl.int32)
         else:
             rows_lo, rows_hi = m_start, m_end
         for r0 in range(rows_lo, rows_hi, BLOCK_M):

@@ -14,11 +14,6 @@ Triton. Must run WITHOUT TRITON_INTERPRET.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-
 from . import aot, aot_gated, aot_launch
 
 #: flag set name → cross_entropy_rows keyword arguments (grad: a gradient is written)
@@ -83,32 +78,11 @@ def compile_one(job: tuple[aot.Variant, int]) -> dict:
 
 
 def run(archs, jobs: int) -> list[dict]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("aot_ce: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
-    work = variants(archs)
-    if jobs <= 1:
-        return [compile_one(j) for j in work]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(compile_one, work, chunksize=2))
+    return aot_gated.run_family("aot_ce", variants(archs), compile_one, jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHS))
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    records = run(args.arch, args.jobs)
-    if args.json:
-        json.dump(records, sys.stdout, indent=1)
-        print()
-    else:
-        print(aot.table(records))
-    return 1 if any(aot.check(r) for r in records) else 0
+    return aot_gated.family_main(__doc__ or "", run, argv)
 
 
 if __name__ == "__main__":

@@ -135,10 +135,11 @@ def compile_with(specialize, job: tuple[aot.Variant, int]) -> dict:
     return record
 
 
-def run(archs, jobs: int) -> list[dict]:
+def run_family(name: str, work: list[tuple[aot.Variant, int]], compile_one, jobs: int) -> list[dict]:
+    """Compile `work` with `compile_one` (a module-level function: it crosses a fork), `jobs` at a
+    time; the run loop of the kernel families outside `aot.py` (gated MLP, cross-entropy)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("aot_gated: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
-    work = variants(archs)
+        raise SystemExit(f"{name}: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
     if jobs <= 1:
         return [compile_one(j) for j in work]
     import multiprocessing
@@ -148,20 +149,30 @@ def run(archs, jobs: int) -> list[dict]:
         return list(pool.map(compile_one, work, chunksize=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def family_main(doc: str, run_archs, argv: list[str] | None) -> int:
+    """The command line of such a family: `--arch`, `--jobs`, `--json`; exit 1 on any problem.
+    `run_archs(archs, jobs)` compiles and returns the records."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    records = run(args.arch, args.jobs)
+    records = run_archs(args.arch, args.jobs)
     if args.json:
         json.dump(records, sys.stdout, indent=1)
         print()
     else:
         print(aot.table(records))
     return 1 if any(aot.check(r) for r in records) else 0
+
+
+def run(archs, jobs: int) -> list[dict]:
+    return run_family("aot_gated", variants(archs), compile_one, jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return family_main(__doc__ or "", run, argv)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def mlp_grad_weight_kernel(
         if NEED_W[i]:
             n = tl.arange(0, PAD[i + 1])
             k = tl.arange(0, PAD[i])
-            acc = tl.zeros((PAD[i + 1], PAD[i]), dtype=tl.float32)
+            acc = tl.zeros((tl.constexpr(PAD[i + 1]), tl.constexpr(PAD[i])), dtype=tl.float32)
             for r0 in range(0, rows_per_program, BLOCK_M):
                 rows = start + r0 + r
                 in_rows = rows < M

@@ -77,8 +77,8 @@ def mlp_backward_acc_kernel(
     accs = ()
     sums = ()
     for i in tl.static_range(L):
-        accs = accs + (tl.zeros((PAD[i + 1], PAD[i]), dtype=tl.float32),)  # type: ignore[assignment]
-        sums = sums + (tl.zeros((PAD[i + 1],), dtype=tl.float32),)  # type: ignore[assignment]
+        accs = accs + (tl.zeros((tl.constexpr(PAD[i + 1]), tl.constexpr(PAD[i])), dtype=tl.float32),)  # type: ignore[assignment]
+        sums = sums + (tl.zeros((tl.constexpr(PAD[i + 1]),), dtype=tl.float32),)  # type: ignore[assignment]
     for t in range(tiles_per_program):
         rows = _rows(pid * tiles_per_program + t, BLOCK_M)  # past the last tile: all masked
         g = _load_tile(grad_ptr, rows, stride_gm, stride_gn, M, dims[L], PAD[L], UPCAST)

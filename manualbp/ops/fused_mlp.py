@@ -36,14 +36,9 @@ from manualbp._autograd import PositionalFunction
 from manualbp.activations import Activation
 from manualbp.backends import reference
 from manualbp.ops._common import (
-    autocast_on,
-    autocast_to,
-    check_linear_args,
-    check_same,
-    check_tensor,
     no_autocast,
 )
-from manualbp.ops.network import NetworkPlan, _backward_loop, mlp_network
+from manualbp.ops.network import NetworkPlan, _backward_loop, checked_stack, mlp_network
 
 __all__ = ["FusedMLPFunction", "MAX_DEPTH", "MAX_WIDTH", "check_fused_sizes", "fused_mlp"]
 
@@ -213,17 +208,8 @@ def fused_mlp(
     `weights[l]` is (out, in), `biases[l]` (out,) or None, as for network mode's `mlp`.
     Under `torch.autocast` every layer computes in the autocast dtype.
     """
-    check_tensor("input", input)
+    input, weights, biases, _ = checked_stack(input, weights, biases)
     device = input.device
-    autocast = autocast_on(device.type)
-    if autocast:
-        input, *weights = autocast_to(device.type, None, input, *weights)
-        biases = list(autocast_to(device.type, None, *biases))
-    check_linear_args(input, weights[0], biases[0])
-    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        check_same(f"layers.{i}.weight", weight, "input", input)
-        if bias is not None:
-            check_same(f"layers.{i}.bias", bias, "input", input)
     if torch._C._are_functorch_transforms_active():  # batched/dual tensors: torch ops only
         return mlp_network(input, weights, biases, acts, backend=reference, recompute=recompute)
     dims = (weights[0].shape[1], *(w.shape[0] for w in weights))

@@ -437,6 +437,28 @@ def mlp_network(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def checked_stack(
+    input: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]
+) -> tuple[Tensor, list[Tensor], list[Tensor | None], bool]:
+    """The stack's arguments checked (and cast to the autocast dtype under `torch.autocast`), as
+    the entry points of network and fused mode take them: (input, weights, biases, autocast)."""
+    check_tensor("input", input)
+    device = input.device
+    autocast = autocast_on(device.type)
+    if autocast:
+        input, *weights = autocast_to(device.type, None, input, *weights)
+        biases = list(autocast_to(device.type, None, *biases))
+    dtype = input.dtype
+    check_linear_args(input, weights[0], biases[0])
+    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        # The names are formatted only for an error message (this runs every call).
+        if weight.dtype != dtype or weight.device != device:
+            check_same(f"layers.{i}.weight", weight, "input", input)
+        if bias is not None and (bias.dtype != dtype or bias.device != device):
+            check_same(f"layers.{i}.bias", bias, "input", input)
+    return input, list(weights), list(biases), autocast
+
+
 def mlp(
     input: Tensor,
     weights: Sequence[Tensor],
@@ -451,20 +473,8 @@ def mlp(
     `weights[l]` is (out, in) and `biases[l]` (out,) or None, as for :func:`manualbp.functional.linear`.
     Under `torch.autocast` every layer computes in the autocast dtype, as `nn.Linear` would there.
     """
-    check_tensor("input", input)
-    device, dtype = input.device, input.dtype
-    autocast = autocast_on(device.type)
-    if autocast:
-        input, *weights = autocast_to(device.type, None, input, *weights)
-        biases = list(autocast_to(device.type, None, *biases))
-        dtype = input.dtype
-    check_linear_args(input, weights[0], biases[0])
-    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        # The names are formatted only for an error message (this runs every call).
-        if weight.dtype != dtype or weight.device != device:
-            check_same(f"layers.{i}.weight", weight, "input", input)
-        if bias is not None and (bias.dtype != dtype or bias.device != device):
-            check_same(f"layers.{i}.bias", bias, "input", input)
+    input, weights, biases, autocast = checked_stack(input, weights, biases)
+    device = input.device
     backend = eager_backend(device)
     if not autocast:
         return mlp_network(input, weights, biases, acts, backend=backend, recompute=recompute,

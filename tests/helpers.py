@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,6 +18,19 @@ TOL = {
     torch.float16: 2e-3,
     torch.bfloat16: 1e-2,
 }
+
+
+def triton_test_device() -> tuple[torch.device, pytest.MarkDecorator]:
+    """(device, module mark) of a Triton kernel test module: CUDA with MANUALBP_CUDA_TESTS=1, else
+    the CPU under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Skips the calling
+    module, at import, only where the kernels cannot run at all."""
+    from manualbp.backends import triton as backend
+
+    device = torch.device("cuda" if os.environ.get("MANUALBP_CUDA_TESTS") == "1" else "cpu")
+    ok, why = backend.is_available(device)
+    if not ok:
+        pytest.skip(f"Triton kernels cannot run here: {why}", allow_module_level=True)
+    return device, pytest.mark.interpreter if device.type == "cpu" else pytest.mark.cuda
 
 
 def rel_err(ours: Tensor, ref: Tensor) -> float:

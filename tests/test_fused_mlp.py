@@ -21,19 +21,13 @@ from torch import nn
 
 import manualbp as mbp
 
-from .helpers import TOL, rel_err
+from .helpers import TOL, rel_err, triton_test_device
 
 pytest.importorskip("triton")
 
 from manualbp.triton_kernels import _utils, fused_mlp, fused_mlp_acc  # noqa: E402
 
-from manualbp.backends import triton as backend  # noqa: E402
-
-DEVICE = torch.device("cuda" if os.environ.get("MANUALBP_CUDA_TESTS") == "1" else "cpu")
-if not backend.is_available(DEVICE)[0]:
-    pytest.skip(f"Triton kernels cannot run here: {backend.is_available(DEVICE)[1]}", allow_module_level=True)
-
-pytestmark = pytest.mark.interpreter if DEVICE.type == "cpu" else pytest.mark.cuda
+DEVICE, pytestmark = triton_test_device()
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

@@ -9,15 +9,13 @@ Tolerances are tests/helpers.py's TOL (float32 1e-5, float16 2e-3, bfloat16 1e-2
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from manualbp.activations import get_activation
 
-from .helpers import TOL, rel_err
+from .helpers import TOL, rel_err, triton_test_device
 
 pytest.importorskip("triton")
 
@@ -29,13 +27,7 @@ from manualbp.triton_kernels.gated_mlp import (  # noqa: E402
     gated_up,
 )
 
-from manualbp.backends import triton as backend  # noqa: E402
-
-DEVICE = torch.device("cuda" if os.environ.get("MANUALBP_CUDA_TESTS") == "1" else "cpu")
-if not backend.is_available(DEVICE)[0]:
-    pytest.skip(f"Triton kernels cannot run here: {backend.is_available(DEVICE)[1]}", allow_module_level=True)
-
-pytestmark = pytest.mark.interpreter if DEVICE.type == "cpu" else pytest.mark.cuda
+DEVICE, pytestmark = triton_test_device()
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

@@ -13,13 +13,11 @@ Bounds: tests/helpers.py TOL (float16 ≤ 2e-3, bfloat16 ≤ 1e-2), never loosen
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from .helpers import TOL, rel_err
+from .helpers import TOL, rel_err, triton_test_device
 
 pytest.importorskip("triton")
 
@@ -30,13 +28,8 @@ from manualbp.triton_kernels.linear_grad_input import linear_grad_input  # noqa:
 from manualbp.triton_kernels.linear_grad_weight import linear_grad_weight  # noqa: E402
 
 from manualbp.activations import get_activation  # noqa: E402
-from manualbp.backends import triton as backend  # noqa: E402
 
-DEVICE = torch.device("cuda" if os.environ.get("MANUALBP_CUDA_TESTS") == "1" else "cpu")
-if not backend.is_available(DEVICE)[0]:
-    pytest.skip(f"Triton kernels cannot run here: {backend.is_available(DEVICE)[1]}", allow_module_level=True)
-
-pytestmark = pytest.mark.interpreter if DEVICE.type == "cpu" else pytest.mark.cuda
+DEVICE, pytestmark = triton_test_device()
 
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]

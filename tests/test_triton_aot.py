@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import run_bounded
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -51,54 +49,23 @@ def cache_dir() -> str:
     return os.environ.get("MANUALBP_AOT_CACHE", str(default))
 
 
-def run_aot(args: list[str], python: str = sys.executable) -> tuple[int, str, str]:
-    """Run `python -m manualbp.triton_kernels.aot ARGS` (no interpreter, fixed cache) under a
-    progress watchdog; returns (returncode, stdout, stderr)."""
+def run_aot(args: list[str], python: str = sys.executable, module: str = "aot") -> tuple[int, str, str]:
+    """Run `python -m manualbp.triton_kernels.MODULE ARGS` (`aot`, or a kernel family's own
+    `aot_gated`/`aot_ce`; no interpreter, fixed cache) under a progress watchdog; returns
+    (returncode, stdout, stderr)."""
     if not CUOBJDUMP.exists():
         pytest.fail(f"no cuobjdump in the triton wheel at {CUOBJDUMP}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["TRITON_CACHE_DIR"] = cache_dir()
-    return run_watched([python, "-m", "manualbp.triton_kernels.aot", *args], env)
+    return run_watched([python, "-m", f"manualbp.triton_kernels.{module}", *args], env)
 
 
 def run_watched(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """Run `cmd` in its own session; kill its process group if stderr is silent for STALL_S."""
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    out: list[str] = []
-    err: list[str] = []
-    last = [time.monotonic()]
-
-    def pump(stream, sink, beat):
-        for line in stream:
-            sink.append(line)
-            if beat:
-                last[0] = time.monotonic()
-
-    threads = [
-        threading.Thread(target=pump, args=(proc.stdout, out, False), daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, err, True), daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    try:
-        while proc.poll() is None:
-            if time.monotonic() - last[0] > STALL_S:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                pytest.fail(f"{cmd}: no progress for {STALL_S} s, process group killed; stderr:\n"
-                            + "".join(err)[-4000:])  # fmt: skip
-            time.sleep(1.0)
-    finally:
-        if proc.poll() is None:  # interrupted (Ctrl-C, pytest timeout): leave no orphans
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for t in threads:
-        t.join()
-    return proc.returncode, "".join(out), "".join(err)
+    """Run `cmd` from the repository root in its own process group (tests/processes.py): killed,
+    and the test failed, after STALL_S without output; swept after it exits."""
+    done = run_bounded(cmd, idle_timeout=STALL_S, env=env, cwd=REPO)
+    return done.returncode, done.stdout, done.stderr
 
 
 def _compile_ci_set(arch: int) -> list[dict]:

@@ -11,30 +11,20 @@ compiles (every constexpr branch types in compiled Triton) and nothing spills.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 pytestmark = pytest.mark.aot
 
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+from .test_triton_aot import run_aot  # noqa: E402
 
 
 def test_aot_compile_cross_entropy_flags_sm90_sm80() -> None:
-    # The triton wheel ships cuobjdump: without it the compiled code cannot be checked at all.
-    assert CUOBJDUMP.exists(), f"no cuobjdump in the triton wheel at {CUOBJDUMP}"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    cmd = [sys.executable, "-m", "manualbp.triton_kernels.aot_ce", "--arch", "90", "80", "--json",
-           "--jobs", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.stdout.strip(), f"aot_ce printed nothing; stderr:\n{proc.stderr[-4000:]}"
-    records = json.loads(proc.stdout)
+    code, out, err = run_aot(["--arch", "90", "80", "--json", "--jobs", "2"], module="aot_ce")
+    assert out.strip(), f"aot_ce printed nothing; stderr:\n{err[-4000:]}"
+    records = json.loads(out)
 
     from manualbp.triton_kernels import aot
     from manualbp.triton_kernels.aot_ce import CLASSES, FLAG_SETS
@@ -47,4 +37,4 @@ def test_aot_compile_cross_entropy_flags_sm90_sm80() -> None:
     expected = {(a, d, f, c) for a in (90, 80) for d in ("fp32", "fp16", "bf16") for f in FLAG_SETS
                 for c in CLASSES}  # fmt: skip
     assert expected <= seen
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert code == 0, err[-4000:]

@@ -10,30 +10,20 @@ Triton wheel's cuobjdump: no spills, HGMMA in every 16-bit gated_up on sm_90.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 pytestmark = pytest.mark.aot
 
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+from .test_triton_aot import run_aot  # noqa: E402
 
 
 def test_aot_compile_gated_kernels_sm90_sm80() -> None:
-    # The triton wheel ships cuobjdump: without it the compiled code cannot be checked at all.
-    assert CUOBJDUMP.exists(), f"no cuobjdump in the triton wheel at {CUOBJDUMP}"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    cmd = [sys.executable, "-m", "manualbp.triton_kernels.aot_gated", "--arch", "90", "80", "--json",
-           "--jobs", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.stdout.strip(), f"aot_gated printed nothing; stderr:\n{proc.stderr[-4000:]}"
-    records = json.loads(proc.stdout)
+    code, out, err = run_aot(["--arch", "90", "80", "--json", "--jobs", "2"], module="aot_gated")
+    assert out.strip(), f"aot_gated printed nothing; stderr:\n{err[-4000:]}"
+    records = json.loads(out)
 
     from manualbp.triton_kernels import aot
     from manualbp.triton_kernels.aot_gated import ACTS
@@ -53,4 +43,4 @@ def test_aot_compile_gated_kernels_sm90_sm80() -> None:
     for r in records:
         if r["kernel"] == "gated_up" and r["dtype"] != "fp32":
             assert r["hgmma"] if r["arch"] == 90 else r["mma"], r
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert code == 0, err[-4000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,6 +21,7 @@ from torch import nn
 import manualbp as mbp
 
 from .helpers import TOL, rel_err, triton_test_device
+from .processes import run_bounded
 
 pytest.importorskip("triton")
 
@@ -257,7 +257,7 @@ def test_cpu_without_the_interpreter_is_a_clear_error() -> None:
         "try:\n    m(torch.randn(3, 2))\nexcept RuntimeError as e:\n    print('ERR', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bounded([sys.executable, "-c", code], idle_timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ERR mode='fused'" in proc.stdout and "TRITON_INTERPRET" in proc.stdout
     assert "mode='network'" in proc.stdout

@@ -35,10 +35,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -47,6 +45,8 @@ from . import aot_fused
 from .aot_inspect import (  # noqa: F401  (re-exported: aot.ring_report, aot.cost_model, …)
     _SASS_LINE,
     cost_model,
+    cubin_record,
+    cuobjdump_path,
     model_table,
     ring_problems,
     ring_report,
@@ -85,9 +85,7 @@ from .aot_variants import (  # noqa: F401
 
 
 def _cuobjdump() -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return cuobjdump_path()
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -116,23 +114,7 @@ def compile_one(job: tuple[Variant, int]) -> dict:
         src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
         options = {k: spec[k] for k in SPEC_KEYS[3:] if k in spec}
         kernel = triton.compile(src, target=GPUTarget("cuda", variant.arch, 32), options=options)
-        record["shared"] = int(kernel.metadata.shared)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            # One call for both (a process per variant less): the resource line, then the SASS.
-            sass = _run([_cuobjdump(), "-res-usage", "-sass", f.name])
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass.stdout)
-        if m is None:
-            raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {sass.stdout[:2000]!r}")
-        record.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
-        record["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass.stdout))
-        record["hgmma"] = "HGMMA" in sass.stdout
-        record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass.stdout))
-        record["tma"] = "UTMALDG" in sass.stdout
-        record.update(sass_main_loop(sass.stdout))
-        record["sass_insts"] = len(_SASS_LINE.findall(sass.stdout))
-        record["rings"] = ring_report(kernel.asm["ttgir"])
+        record.update(cubin_record(kernel)[0])
         record["model"] = cost_model(record)
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others

@@ -158,7 +158,6 @@ def specialization(variant: aot_variants.Variant) -> tuple[object, dict]:
 def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
     """`aot.compile_one` for a fused variant: the same fields, plus `layer_waits`."""
     import re
-    import tempfile
     import time
 
     import triton
@@ -177,42 +176,15 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
         src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
         options = {k: spec[k] for k in aot_launch.SPEC_KEYS[3:] if k in spec}
         kernel = triton.compile(src, target=GPUTarget("cuda", variant.arch, 32), options=options)
-        record["shared"] = int(kernel.metadata.shared)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            sass = _cuobjdump(f.name)
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass)
-        if m is None:
-            raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {sass[:2000]!r}")
-        record.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
-        record["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
-        record["hgmma"] = "HGMMA" in sass
-        record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass))
-        record["tma"] = "UTMALDG" in sass
-        record.update(aot_inspect.sass_main_loop(sass))
-        record["sass_insts"] = len(aot_inspect._SASS_LINE.findall(sass))
+        fields, sass = aot_inspect.cubin_record(kernel)
+        record.update(fields)
         record["layer_waits"] = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", sass))
-        record["rings"] = aot_inspect.ring_report(kernel.asm["ttgir"])
         record["model"] = None
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others
         record["error"] = f"{type(err).__name__}: {err}"
     record["compile_s"] = round(time.perf_counter() - t0, 2)
     return record
-
-
-def _cuobjdump(cubin: str) -> str:
-    """`cuobjdump -res-usage -sass` of a cubin, with the cuobjdump shipped in the Triton wheel
-    (as `aot._cuobjdump`; this module is imported by `aot`, so it does not import it back)."""
-    import subprocess
-    from pathlib import Path
-
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    cmd = [str(tool), "-res-usage", "-sass", cubin]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
 def check(record: dict) -> list[str]:

@@ -18,9 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
-import tempfile
 import time
 
 from . import aot, aot_inspect, aot_launch, aot_variants
@@ -113,21 +111,7 @@ def compile_with(specialize, job: tuple[aot.Variant, int]) -> dict:
         options = {k: spec[k] for k in aot_launch.SPEC_KEYS[3:] if k in spec}
         target = GPUTarget("cuda", variant.arch, 32)
         kernel = triton.compile(src, target=target, options=options)
-        record["shared"] = int(kernel.metadata.shared)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            sass = aot._run([aot._cuobjdump(), "-res-usage", "-sass", f.name])
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass.stdout)
-        if m is None:
-            raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {sass.stdout[:2000]!r}")
-        record.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
-        record["spill_insts"] = len(re.findall(r"\b(?:LDL|STL)\b", sass.stdout))
-        record["hgmma"] = "HGMMA" in sass.stdout
-        record["mma"] = bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass.stdout))
-        record["tma"] = "UTMALDG" in sass.stdout
-        record.update(aot_inspect.sass_main_loop(sass.stdout))
-        record["rings"] = aot_inspect.ring_report(kernel.asm["ttgir"])
+        record.update(aot_inspect.cubin_record(kernel)[0])
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others
         record["error"] = f"{type(err).__name__}: {err}"

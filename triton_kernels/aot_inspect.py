@@ -1,11 +1,16 @@
 """What the AOT build reads in compiled code: shared-memory rings in the TTGIR, the main loop
 of the SASS, and a cost model on top of them (GPU_AUDIT.md §1-3): text analysis of the records
-and files any Triton version writes (`aot.py` uses it; the model asks `choose_split`).
+and files any Triton version writes (`aot.py` uses it; the model asks `choose_split`), and
+`cubin_record`, the fields every AOT record (`aot`, `aot_gated`, `aot_ce`, `aot_fused`) reads off
+a compiled kernel with the Triton wheel's cuobjdump.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 _SSA = re.compile(r"%[\w.#]+")
 _COPY_OPS = ("ttg.async_copy_global_to_local", "ttng.async_tma_copy_global_to_local")
@@ -304,3 +309,37 @@ def model_table(records: list[dict]) -> str:
             row += [m["shapes"][n]["split"], m["shapes"][n]["eta_wave"], m["shapes"][n]["fraction"]]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
+
+
+def cuobjdump_path() -> str:
+    """The cuobjdump shipped in the Triton wheel (`triton/backends/nvidia/bin/`)."""
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def cubin_record(kernel) -> tuple[dict, str]:
+    """(fields, SASS) of a `triton.compile`d kernel: shared memory, the resource line (regs, stack,
+    static shared, local), spill instructions, HGMMA / any MMA / TMA loads, the main-loop counts
+    of `sass_main_loop`, the SASS size and the TTGIR rings of `ring_report`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        # One call for both (a process per variant less): the resource line, then the SASS.
+        cmd = [cuobjdump_path(), "-res-usage", "-sass", f.name]
+        sass = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {sass[:2000]!r}")
+    fields = dict(
+        shared=int(kernel.metadata.shared),
+        regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]),
+        spill_insts=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        hgmma="HGMMA" in sass,
+        mma=bool(re.search(r"\b(?:HGMMA|HMMA)\b", sass)),
+        tma="UTMALDG" in sass,
+    )  # fmt: skip
+    fields.update(sass_main_loop(sass))
+    fields["sass_insts"] = len(_SASS_LINE.findall(sass))
+    fields["rings"] = ring_report(kernel.asm["ttgir"])
+    return fields, sass

@@ -12,18 +12,9 @@ import torch
 from torch import Tensor
 
 from manualbp.bench.cases import Case
+from manualbp.bench.common import Env, Row, base_row, case_generator, linear_params, randn, short_error
 from manualbp.bench.contenders import Contender
-from manualbp.bench.suites import (
-    UNAVAILABLE_FUSED,
-    Env,
-    Row,
-    base_row,
-    case_generator,
-    linear_params,
-    loss_inputs,
-    randn,
-    short_error,
-)
+from manualbp.bench.suites import UNAVAILABLE_FUSED, loss_inputs
 from manualbp.bench.timing import synchronize
 
 __all__ = ["memory_case"]

@@ -1,208 +1,84 @@
-"""The suites: for one case, check every contender against native autograd, then time it.
+"""The suites: for one case, check every contender against native autograd, then time them.
 
 Each suite function builds the case's inputs once (seeded), computes the reference (native
-autograd, in float64 when that is cheap), and returns one row per contender and operation. A
-contender whose output or gradients differ from the reference beyond the dtype's tolerance gets
-an ``error`` row carrying the error, and is not timed.
+autograd, in float64 when that is cheap), checks each contender, and then times each operation
+for all checked contenders together (`common.time_group`: interleaved on CPU). It returns one
+row per contender and operation. A contender whose output or gradients differ from the
+reference beyond the dtype's tolerance gets an ``error`` row carrying the error, and is not timed.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from manualbp.bench.cases import TOLERANCES, Case, dtype_name
+from manualbp.bench.cases import Case, dtype_name
+from manualbp.bench.common import (
+    Env,
+    Pending,
+    Reference,
+    Row,
+    base_row,
+    case_generator,
+    cycle,
+    linear_params,
+    max_rel_error,
+    randn,
+    reference_of,
+    short_error,
+    status_rows,
+    time_group,
+    up,
+)
 from manualbp.bench.contenders import Contender, NativeContender
-from manualbp.bench.timing import Ceilings, measure, rotations
+from manualbp.bench.timing import rotations
 
-__all__ = ["Env", "LAYER_OPS", "max_rel_error", "run_case"]
+__all__ = ["Env", "LAYER_OPS", "Reference", "loss_inputs", "max_rel_error", "run_case"]
 
 LAYER_OPS = ("forward", "backward", "fwd+bwd")
 UNAVAILABLE_FUSED = (
     "not available: neither manualbp.functional.linear_cross_entropy nor "
     "manualbp.ops.heads.linear_cross_entropy exists (yet)"
 )
-Row = dict[str, Any]
 
 
-@dataclass
-class Env:
-    """Run-wide settings every suite needs."""
-
-    device: torch.device
-    warmup_ms: float
-    rep_ms: float
-    ceilings: Ceilings | None
-    seed: int = 0
-    ref64_max_flops: float = 2e10  # float64 reference only below this many FLOPs (CPU)
+# -------------------------------------------------------------------------------------- layer
 
 
-# ------------------------------------------------------------------------------------ helpers
+Slot = Row | Pending  # a finished row (skipped, error) or an operation waiting to be timed
+Slots = list[tuple[str, Slot]]  # (op, slot) of one contender
 
 
-def short_error(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-    return text[:240]
+def _status_slots(case: Case, ops: Sequence[str], variant: str, name: str, status: str, note: str) -> Slots:
+    return [(row["op"], row) for row in status_rows(case, ops, variant, name, status, note)]
 
 
-def max_rel_error(
-    got: Sequence[Tensor | None], ref: Sequence[Tensor], names: Sequence[str]
-) -> tuple[float, str]:
-    """The worst ‖got − ref‖ / ‖ref‖ over the tensors (computed in float64) and its tensor's name.
-
-    A missing tensor, a shape mismatch or a non-finite value counts as an infinite error.
-    """
-    worst, worst_name = 0.0, names[0]
-    for g, r, name in zip(got, ref, names):
-        if g is None or g.shape != r.shape:
-            return math.inf, name
-        g64, r64 = g.detach().double(), r.detach().double()
-        if not torch.isfinite(g64).all():
-            return math.inf, name
-        scale = float(r64.norm())
-        err = float((g64 - r64).norm()) / (scale if scale > 0 else 1.0)
-        if err > worst:
-            worst, worst_name = err, name
-    return worst, worst_name
+def _pending(
+    case: Case,
+    op: str,
+    variant: str,
+    contender: Contender,
+    fn: Callable[[], object],
+    err: float,
+    reference: Reference,
+    **hooks: Callable[[], None],
+) -> tuple[str, Pending]:
+    row = {**base_row(case, op, variant, contender.name), "max_rel_err": err,
+           "reference": dtype_name(reference.dtype)}  # fmt: skip
+    return op, Pending(row, fn, contender.context, **hooks)
 
 
-def case_generator(env: Env, case: Case) -> torch.Generator:
-    # One stream per case, so a case's inputs do not depend on which cases ran before it.
-    key = f"{env.seed}:{case.suite}:{case.M}:{case.N}:{case.K}:{case.depth}"
-    seed = zlib.crc32(key.encode())  # not hash(): str hashes change from process to process
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def randn(gen: torch.Generator, shape: tuple[int, ...], case: Case, env: Env, scale: float = 1.0) -> Tensor:
-    # Drawn on the CPU in float32 (reproducible across devices), then moved and cast.
-    return (torch.randn(shape, generator=gen) * scale).to(device=env.device, dtype=case.dtype)
-
-
-def linear_params(
-    gen: torch.Generator, n_in: int, n_out: int, case: Case, env: Env
-) -> tuple[Tensor, Tensor]:
-    bound = 1 / math.sqrt(n_in)  # nn.Linear's initialisation range
-    weight = (torch.rand((n_out, n_in), generator=gen) * 2 - 1) * bound
-    bias = (torch.rand((n_out,), generator=gen) * 2 - 1) * bound
-    return (
-        weight.to(device=env.device, dtype=case.dtype),
-        bias.to(device=env.device, dtype=case.dtype),
-    )
-
-
-def _reference_dtype(case: Case, env: Env) -> torch.dtype:
-    """float64 wherever it is cheap (always on CUDA), else the case's own dtype."""
-    cost = case.flops("fwd+bwd" if case.suite != "mlp" else "train_step")
-    cheap = env.device.type == "cuda" or cost <= env.ref64_max_flops
-    return torch.float64 if cheap else case.dtype
-
-
-def _up(t: Tensor, dtype: torch.dtype, grad: bool = False) -> Tensor:
-    t = t.detach().to(dtype)
-    return t.requires_grad_() if grad else t
-
-
-def base_row(case: Case, op: str, variant: str, contender: str) -> Row:
-    return {
-        "suite": case.suite,
-        "case": case.label,
-        "M": case.M,
-        "N": case.N,
-        "K": case.K,
-        "depth": case.depth,
-        "dtype": dtype_name(case.dtype),
-        "activation": case.activation if case.suite != "loss" else "",
-        "op": op,
-        "variant": variant,
-        "contender": contender,
-    }
-
-
-def _status_rows(
-    case: Case, ops: Sequence[str], variant: str, name: str, status: str, note: str
-) -> list[Row]:
-    return [{**base_row(case, op, variant, name), "status": status, "note": note} for op in ops]
-
-
-def _timed_row(
-    case: Case, op: str, variant: str, name: str, fn: Callable[[], object], env: Env, err: float, ref: str
-) -> Row:
-    row = base_row(case, op, variant, name)
-    try:
-        timing = measure(fn, env.device, env.warmup_ms, env.rep_ms)
-    except Exception as e:  # a contender that cannot run this op is an error row, not a crash
-        return {**row, "status": "error", "note": short_error(e)}
-    seconds = timing.median_ms / 1e3
-    flops, min_bytes = case.flops(op), case.min_bytes(op)
-    row.update(
-        status="ok",
-        note="",
-        median_ms=timing.median_ms,
-        q20_ms=timing.q20_ms,
-        q80_ms=timing.q80_ms,
-        tflops=flops / seconds / 1e12,
-        gbps=min_bytes / seconds / 1e9,
-        flops=flops,
-        min_bytes=min_bytes,
-        max_rel_err=err,
-        reference=ref,
-    )
-    if env.ceilings is not None:
-        floor, bound = env.ceilings.floor_seconds(flops, min_bytes, case.dtype)
-        row.update(floor_ms=floor * 1e3, floor_bound=bound, floor_frac=floor / seconds)
-    return row
-
-
-@dataclass
-class Reference:
-    """What every contender of a case is checked against.
-
-    `tensors` come from native autograd in `dtype` (float64 where cheap); `native_error` is native
-    eager's own error against them in the case's dtype. A contender passes when its error is within
-    the dtype's tolerance or within twice native's own error: in bfloat16 a deep MLP's rounding
-    can exceed a fixed tolerance for native itself, while a wrong kernel misses by far more.
-    """
-
-    tensors: list[Tensor]
-    names: list[str]
-    dtype: torch.dtype
-    native_error: float = 0.0
-
-    def gate(self, got: Sequence[Tensor | None], case: Case) -> tuple[float, str | None]:
-        """(error, None) when `got` passes, else (error, the error row's note)."""
-        err, where = max_rel_error(got, self.tensors, self.names)
-        allowed = max(TOLERANCES[case.dtype], 2 * self.native_error)
-        if err <= allowed:
-            return err, None
-        return err, (
-            f"wrong result: rel. error {err:.3g} in {where} > allowed {allowed:.3g} "
-            f"({dtype_name(case.dtype)} vs native in {dtype_name(self.dtype)}; "
-            f"native's own error {self.native_error:.3g})"
-        )
-
-
-def _reference(
-    case: Case, env: Env, names: list[str], outputs: Callable[[torch.dtype], list[Tensor]]
-) -> Reference:
-    """Native's outputs in the reference dtype, and native's own error in the case's dtype."""
-    ref_dtype = _reference_dtype(case, env)
-    reference = Reference([t.detach() for t in outputs(ref_dtype)], names, ref_dtype)
-    if ref_dtype != case.dtype:
-        reference.native_error, _ = max_rel_error(outputs(case.dtype), reference.tensors, names)
-    return reference
-
-
-def _cycle(n: int) -> Callable[[], int]:
-    counter = itertools.cycle(range(n))
-    return lambda: next(counter)
+def _time_slots(case: Case, ops: Sequence[str], slots: Slots, env: Env) -> list[Row]:
+    """Rows op by op, contenders in order; the pending ones of each op timed as one group."""
+    rows: list[Row] = []
+    for op in ops:
+        group = [slot for slot_op, slot in slots if slot_op == op]
+        timed = iter(time_group(case, op, [s for s in group if isinstance(s, Pending)], env))
+        rows += [next(timed) if isinstance(s, Pending) else s for s in group]
+    return rows
 
 
 # -------------------------------------------------------------------------------------- layer
@@ -217,16 +93,16 @@ def _layer_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Cal
     grad_outs = [randn(gen, (M, N), case, env) for _ in range(n_sets)]
 
     def native_outputs(dtype: torch.dtype) -> list[Tensor]:
-        native = NativeContender().build_layer(_up(weight, dtype), _up(bias, dtype), case.activation)
-        return _layer_outputs(native, _up(xs[0], dtype, grad=True), grad_outs[0].to(dtype))
+        native = NativeContender().build_layer(up(weight, dtype), up(bias, dtype), case.activation)
+        return _layer_outputs(native, up(xs[0], dtype, grad=True), grad_outs[0].to(dtype))
 
     names = ["output", "grad_input", "grad_weight", "grad_bias"]
-    reference = _reference(case, env, names, native_outputs)
-    rows: list[Row] = []
+    reference = reference_of(case, env, names, native_outputs)
+    slots: Slots = []
     for contender in contenders:
-        rows += _layer_contender(case, contender, env, weight, bias, xs, grad_outs, reference)
+        slots += _layer_contender(case, contender, env, weight, bias, xs, grad_outs, reference)
         tick()
-    return rows
+    return _time_slots(case, LAYER_OPS, slots, env)
 
 
 def _layer_outputs(module: torch.nn.Module, x: Tensor, grad_out: Tensor) -> list[Tensor]:
@@ -243,48 +119,55 @@ def _layer_contender(
     xs: list[Tensor],
     grad_outs: list[Tensor],
     reference: Reference,
-) -> list[Row]:
-    name, ref = contender.name, dtype_name(reference.dtype)
+) -> Slots:
+    name = contender.name
     reason = contender.case_reason(env.device, case)
     if reason is not None:
-        return _status_rows(case, LAYER_OPS, "", name, "skipped", reason)
+        return _status_slots(case, LAYER_OPS, "", name, "skipped", reason)
     with contender.context():
         try:
             module = contender.build_layer(weight, bias, case.activation)
             params = list(module.parameters())
             got = _layer_outputs(module, xs[0], grad_outs[0])
         except Exception as e:
-            return _status_rows(case, LAYER_OPS, "", name, "error", short_error(e))
+            return _status_slots(case, LAYER_OPS, "", name, "error", short_error(e))
         err, wrong = reference.gate(got, case)
         if wrong is not None:
-            return _status_rows(case, LAYER_OPS, "", name, "error", wrong)
+            return _status_slots(case, LAYER_OPS, "", name, "error", wrong)
         del got
 
-        index = _cycle(len(xs))
+    index = cycle(len(xs))
+    outs: list[Tensor] = []  # one retained graph per input set, only while backward is timed
 
-        def forward() -> object:
-            return module(xs[index()])
+    def forward() -> object:
+        return module(xs[index()])
 
-        rows = [_timed_row(case, "forward", "", name, forward, env, err, ref)]
+    def retain_graphs() -> None:
+        outs.extend(module(x) for x in xs)
 
-        try:
-            outs = [module(x) for x in xs]  # one retained graph per input set
-        except Exception as e:
-            return rows + _status_rows(case, LAYER_OPS[1:], "", name, "error", short_error(e))
+    def backward() -> object:
+        i = index()
+        return torch.autograd.grad(outs[i], [xs[i], *params], grad_outs[i], retain_graph=True)
 
-        def backward() -> object:
-            i = index()
-            return torch.autograd.grad(outs[i], [xs[i], *params], grad_outs[i], retain_graph=True)
+    def forward_backward() -> object:
+        i = index()
+        return torch.autograd.grad(module(xs[i]), [xs[i], *params], grad_outs[i])
 
-        rows.append(_timed_row(case, "backward", "", name, backward, env, err, ref))
-        outs.clear()  # free the retained graphs before the next timing
-
-        def forward_backward() -> object:
-            i = index()
-            return torch.autograd.grad(module(xs[i]), [xs[i], *params], grad_outs[i])
-
-        rows.append(_timed_row(case, "fwd+bwd", "", name, forward_backward, env, err, ref))
-    return rows
+    return [
+        _pending(case, "forward", "", contender, forward, err, reference),
+        _pending(
+            case,
+            "backward",
+            "",
+            contender,
+            backward,
+            err,
+            reference,
+            prepare=retain_graphs,
+            release=outs.clear,
+        ),  # fmt: skip
+        _pending(case, "fwd+bwd", "", contender, forward_backward, err, reference),
+    ]
 
 
 # ---------------------------------------------------------------------------------------- mlp
@@ -301,17 +184,17 @@ def _mlp_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Calla
     def native_outputs(dtype: torch.dtype) -> list[Tensor]:
         native = NativeContender()
         model, params = native.build_mlp(
-            [_up(w, dtype) for w in weights], [_up(b, dtype) for b in biases], case.activation
+            [up(w, dtype) for w in weights], [up(b, dtype) for b in biases], case.activation
         )
         return _mlp_outputs(native, model, params, xs[0].to(dtype), targets[0].to(dtype))
 
     names = ["loss"] + [f"layers.{i}.{kind}.grad" for i in range(case.depth) for kind in ("weight", "bias")]
-    reference = _reference(case, env, names, native_outputs)
-    rows: list[Row] = []
+    reference = reference_of(case, env, names, native_outputs)
+    slots: Slots = []
     for contender in contenders:
-        rows += _mlp_contender(case, contender, env, weights, biases, xs, targets, reference)
+        slots += _mlp_contender(case, contender, env, weights, biases, xs, targets, reference)
         tick()
-    return rows
+    return _time_slots(case, ("train_step",), slots, env)
 
 
 def _mlp_outputs(
@@ -330,34 +213,34 @@ def _mlp_contender(
     xs: list[Tensor],
     targets: list[Tensor],
     reference: Reference,
-) -> list[Row]:
-    name, ref, ops = contender.name, dtype_name(reference.dtype), ("train_step",)
+) -> Slots:
+    name, ops = contender.name, ("train_step",)
     reason = contender.case_reason(env.device, case)
     if reason is not None:
-        return _status_rows(case, ops, "", name, "skipped", reason)
+        return _status_slots(case, ops, "", name, "skipped", reason)
     with contender.context():
         try:
             model, params = contender.build_mlp(weights, biases, case.activation)
             got = _mlp_outputs(contender, model, params, xs[0], targets[0])
         except Exception as e:
-            return _status_rows(case, ops, "", name, "error", short_error(e))
+            return _status_slots(case, ops, "", name, "error", short_error(e))
         err, wrong = reference.gate(got, case)
         if wrong is not None:
-            return _status_rows(case, ops, "", name, "error", wrong)
+            return _status_slots(case, ops, "", name, "error", wrong)
 
-        # Plain SGD, foreach: the optimizer is the same for every contender.
-        optimizer = torch.optim.SGD(params, lr=1e-4)
-        index = _cycle(len(xs))
+    # Plain SGD, foreach: the optimizer is the same for every contender.
+    optimizer = torch.optim.SGD(params, lr=1e-4)
+    index = cycle(len(xs))
 
-        def train_step() -> object:
-            i = index()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = contender.mse(model(xs[i]), targets[i])
-            step_loss.backward()
-            optimizer.step()
-            return step_loss
+    def train_step() -> object:
+        i = index()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = contender.mse(model(xs[i]), targets[i])
+        step_loss.backward()
+        optimizer.step()
+        return step_loss
 
-        return [_timed_row(case, "train_step", "", name, train_step, env, err, ref)]
+    return [_pending(case, "train_step", "", contender, train_step, err, reference)]
 
 
 # --------------------------------------------------------------------------------------- loss
@@ -380,68 +263,59 @@ def _loss_case(case: Case, contenders: Sequence[Contender], env: Env, tick: Call
     weight, bias, xs, targets = loss_inputs(case, env)
 
     def native_outputs(dtype: torch.dtype) -> list[Tensor]:
-        return _loss_outputs(
-            _native_loss, _up(xs[0], dtype), _up(weight, dtype), _up(bias, dtype), targets[0]
-        )
+        return _loss_outputs(_native_loss, up(xs[0], dtype), up(weight, dtype), up(bias, dtype), targets[0])
 
     names = ["loss", "grad_input", "grad_weight", "grad_bias"]
-    reference = _reference(case, env, names, native_outputs)
-
-    rows: list[Row] = []
+    reference = reference_of(case, env, names, native_outputs)
+    inputs = (weight, bias, xs, targets)
+    slots: Slots = []
     for contender in contenders:
         reason = contender.case_reason(env.device, case)
         if reason is not None:
-            rows += _status_rows(case, ("fwd+bwd",), "", contender.name, "skipped", reason)
+            slots += _status_slots(case, ("fwd+bwd",), "", contender.name, "skipped", reason)
             tick()
             continue
         with contender.context():
             try:
                 variants = contender.loss_variants()
             except Exception as e:
-                rows += _status_rows(case, ("fwd+bwd",), "", contender.name, "error", short_error(e))
+                slots += _status_slots(case, ("fwd+bwd",), "", contender.name, "error", short_error(e))
                 tick()
                 continue
             for variant, fn in variants.items():
-                rows.append(
-                    _loss_contender(
-                        case, contender.name, variant, fn, env, weight, bias, xs, targets, reference
-                    )
-                )
+                slots.append(_loss_contender(case, contender, variant, fn, inputs, reference))
         tick()
-    return rows
+    return _time_slots(case, ("fwd+bwd",), slots, env)
 
 
 def _loss_contender(
     case: Case,
-    name: str,
+    contender: Contender,
     variant: str,
     fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None,
-    env: Env,
-    weight: Tensor,
-    bias: Tensor,
-    xs: list[Tensor],
-    targets: list[Tensor],
+    inputs: tuple[Tensor, Tensor, list[Tensor], list[Tensor]],
     reference: Reference,
-) -> Row:
+) -> tuple[str, Slot]:
+    row = base_row(case, "fwd+bwd", variant, contender.name)
     if fn is None:
-        note = UNAVAILABLE_FUSED
-        return {**base_row(case, "fwd+bwd", variant, name), "status": "unavailable", "note": note}
+        return "fwd+bwd", {**row, "status": "unavailable", "note": UNAVAILABLE_FUSED}
+    weight, bias, xs, targets = inputs
     w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     xs = [x.clone().requires_grad_() for x in xs]
     try:
         got = _loss_outputs(fn, xs[0], w, b, targets[0])
     except Exception as e:
-        return {**base_row(case, "fwd+bwd", variant, name), "status": "error", "note": short_error(e)}
+        return "fwd+bwd", {**row, "status": "error", "note": short_error(e)}
     err, wrong = reference.gate(got, case)
     if wrong is not None:
-        return {**base_row(case, "fwd+bwd", variant, name), "status": "error", "note": wrong}
-    index = _cycle(len(xs))
+        return "fwd+bwd", {**row, "status": "error", "note": wrong}
+    index = cycle(len(xs))
 
     def forward_backward() -> object:
         i = index()
         return torch.autograd.grad(fn(xs[i], w, b, targets[i]), [xs[i], w, b])
 
-    return _timed_row(case, "fwd+bwd", variant, name, forward_backward, env, err, dtype_name(reference.dtype))
+    return _pending(case, "fwd+bwd", variant, contender, forward_backward, err, reference)
 
 
 def _loss_outputs(fn: Callable[..., Tensor], x: Tensor, w: Tensor, b: Tensor, target: Tensor) -> list[Tensor]:

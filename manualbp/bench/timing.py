@@ -1,8 +1,9 @@
 """Timing and the two roofline ceilings (peak matmul rate, copy bandwidth), measured in the run.
 
 CUDA: `triton.testing.do_bench` (warm-up, then the median and 20/80 % quantiles of many runs; it
-also clears L2 before each run). CPU: `torch.utils.benchmark.Timer.blocked_autorange`, with as
-many threads as torch uses (Timer's own default is one thread).
+also clears L2 before each run). CPU: `manualbp.bench.interleave` — blocks of calls timed with
+the process's CPU time (one thread) or wall time (more), median over rounds; the suites time all
+contenders of a case interleaved, `measure` times one fn the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from manualbp.bench.interleave import interleaved
 
 __all__ = ["Ceilings", "Timing", "measure", "measure_ceilings", "rotations", "synchronize"]
 
@@ -46,7 +49,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float) -> Timing:
+def measure(
+    fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float, rounds: int = 9
+) -> Timing:
     """Median and 20/80 % quantiles of `fn`'s run time, in milliseconds."""
     if device.type == "cuda":
         import triton.testing  # only here: see --interpreter
@@ -55,17 +60,10 @@ def measure(fn: Callable[[], object], device: torch.device, warmup_ms: float, re
             fn, warmup=max(1, int(warmup_ms)), rep=max(1, int(rep_ms)), quantiles=[0.5, 0.2, 0.8]
         )
         return Timing(float(median), float(q20), float(q80))
-    from torch.utils.benchmark import Timer
-
-    deadline = time.perf_counter() + warmup_ms / 1e3
-    fn()  # at least one warm-up call, whatever the budget
-    while time.perf_counter() < deadline:
-        fn()
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=rep_ms / 1e3)
-    times = torch.tensor(measurement.times, dtype=torch.float64) * 1e3
-    q20, q80 = torch.quantile(times, torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
-    return Timing(float(measurement.median * 1e3), float(q20), float(q80))
+    (result,) = interleaved([fn], warmup_ms=warmup_ms, rep_ms=rep_ms, rounds=rounds)
+    if result.error is not None:
+        raise result.error
+    return Timing(result.median_ms, result.quantile_ms(0.2), result.quantile_ms(0.8))
 
 
 def _matmul_size(device: torch.device, dtype: torch.dtype, target_ms: float) -> int:

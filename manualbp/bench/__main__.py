@@ -8,6 +8,11 @@ Examples::
 
     # CUDA, square shapes from the M/N/K lists' product, two dtypes:
     python -m manualbp.bench -M 1024 4096 -N 4096 -K 4096 --dtypes bfloat16 float32
+
+    # CPU goal grid of the mlp suite: batch × width (BxW) × depth × activation × dtype × threads
+    python -m manualbp.bench --device cpu --suites mlp --contenders manualbp-torch native \
+        --mlp-shapes 32x64 256x512 4096x2048 --depths 2 4 8 --activations all \
+        --dtypes float32 bfloat16 --threads 1 2
 """
 
 from __future__ import annotations
@@ -34,6 +39,34 @@ def _shape(text: str) -> tuple[int, int, int]:
             f"expected MxNxK with positive ints (e.g. 512x1024x256), got {text!r}"
         )
     return values
+
+
+def _mlp_shape(text: str) -> tuple[int, int, int]:
+    """BxW (batch × width, the input as wide as the layers) or MxNxK as --shapes."""
+    parts = text.lower().split("x")
+    if len(parts) == 2:
+        try:
+            batch, width = (int(p) for p in parts)
+        except ValueError:
+            batch = width = 0
+        if min(batch, width) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected BxW (batch x width) or MxNxK with positive ints (e.g. 256x512), got {text!r}"
+            )
+        return batch, width, width
+    return _shape(text)
+
+
+def activation_names(names: Sequence[str]) -> list[str]:
+    """`names` with "all" expanded to every activation of manualbp's registry (order kept, no repeats)."""
+    from manualbp.activations import ACTIVATIONS
+
+    expanded: list[str] = []
+    for name in names:
+        for one in ACTIVATIONS if name == "all" else (name,):
+            if one not in expanded:
+                expanded.append(one)
+    return expanded
 
 
 def program_name(argv0: str | None = None) -> str:
@@ -70,14 +103,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="explicit (M, N, K) shapes; overrides -M/-N/-K")  # fmt: skip
     parser.add_argument("--loss-shapes", nargs="+", type=_shape, metavar="MxNxK",
                         help="loss suite shapes: rows x classes x hidden (default: --shapes)")  # fmt: skip
+    parser.add_argument("--mlp-shapes", nargs="+", type=_mlp_shape, metavar="BxW",
+                        help="mlp suite shapes: batch x width (or MxNxK; default: --shapes)")  # fmt: skip
     parser.add_argument("-M", nargs="+", type=int, default=None, help="rows (batch); product with -N/-K")
     parser.add_argument("-N", nargs="+", type=int, default=None, help="output features (classes for loss)")
     parser.add_argument("-K", nargs="+", type=int, default=None, help="input features")
-    parser.add_argument("--depth", type=int, default=4, help="layers of the mlp suite's MLP")
+    parser.add_argument("--depths", "--depth", dest="depths", nargs="+", type=int, default=[4],
+                        help="layers of the mlp suite's MLP, one case per depth")  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", default=None,
                         help="float32 float16 bfloat16 float64 "
                         "(default: bfloat16 float32 on CUDA, float32 on CPU)")  # fmt: skip
-    parser.add_argument("--activations", nargs="+", default=["gelu"], help="activations of the layers")
+    parser.add_argument("--activations", nargs="+", default=["gelu"],
+                        help="activations of the layers; 'all': every one of manualbp's")  # fmt: skip
     parser.add_argument("--contenders", nargs="+", choices=CONTENDER_NAMES,
                         default=["manualbp-triton", "manualbp-torch", "native", "compile"],
                         help="what is timed")  # fmt: skip
@@ -92,12 +129,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="output folder, created if missing")  # fmt: skip
     parser.add_argument("--name", default="bench", help="file stem: NAME.csv, NAME.md, NAME.png")
     parser.add_argument("--rep-ms", type=float, default=None,
-                        help="measuring time per timing, ms: do_bench's rep on CUDA (default 100), "
-                        "blocked_autorange's min_run_time on CPU (default 200)")  # fmt: skip
+                        help="measuring time per timing, ms: do_bench's rep on CUDA (default 100); on "
+                        "CPU each contender's share of an interleaved timing (default 200)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="CPU: interleaved rounds per timing (one block per contender each); "
+                        "times are medians over them")  # fmt: skip
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per timing, ms")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the CPU runs (default: torch's own)")  # fmt: skip
+    parser.add_argument("--threads", nargs="+", type=int, default=None,
+                        help="torch.set_num_threads for the CPU runs; several: the timing cases once "
+                        "per count (default: torch's own)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this long; the rest become 'skipped' rows")  # fmt: skip
     parser.add_argument("--note", default="", help="a line for the Markdown header")
@@ -121,8 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from manualbp.bench.cases import parse_dtype
     from manualbp.bench.runner import BenchConfig, run_benchmark
 
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads: expected a positive int, got {args.threads}")
+    if args.threads is not None and min(args.threads) < 1:
+        raise SystemExit(f"--threads: expected positive ints, got {args.threads}")
+    if min(args.depths) < 1:
+        raise SystemExit(f"--depths: expected positive ints, got {args.depths}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: expected a positive int, got {args.rounds}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.shapes:
         shapes = list(args.shapes)
@@ -138,10 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes=shapes,
         loss_shapes=args.loss_shapes or (),
         dtypes=[parse_dtype(d) for d in dtype_names],
-        activations=args.activations,
+        mlp_shapes=args.mlp_shapes or (),
+        activations=activation_names(args.activations),
         contenders=contenders,
         memory_contenders=args.memory_contenders,
-        depth=args.depth,
+        depths=args.depths,
         device=device,
         out=args.out,
         name=args.name,
@@ -150,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         note=args.note,
         threads=args.threads,
+        rounds=args.rounds,
         ceilings=not args.no_ceilings,
         plot=not args.no_plot,
         progress=not args.no_progress,

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from manualbp.bench.summary import summary_lines
+
 __all__ = ["COLUMNS", "add_speedups", "write_csv", "write_markdown", "write_plot"]
 
 COLUMNS: tuple[str, ...] = (
@@ -23,6 +25,7 @@ COLUMNS: tuple[str, ...] = (
     "K",
     "depth",
     "dtype",
+    "threads",
     "activation",
     "op",
     "variant",
@@ -35,6 +38,7 @@ COLUMNS: tuple[str, ...] = (
     "tflops",
     "gbps",
     "speedup_vs_native",
+    "speedup_vs_torch_lce",
     "floor_ms",
     "floor_bound",
     "floor_frac",
@@ -45,22 +49,35 @@ COLUMNS: tuple[str, ...] = (
     "saved_bytes",
     "saved_activation_bytes",
     "peak_bytes",
+    "retained_bytes",
+    "calls_per_block",
 )
 
 Row = dict[str, Any]
-_KEY = ("suite", "case", "dtype", "activation", "op")
+_KEY = ("suite", "case", "dtype", "activation", "op", "threads")
+TORCH_LCE = ("torch-fused", "torch-chunked")  # native's variants that are torch's F.linear_cross_entropy
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """speedup_vs_native = native eager's median / this row's median, for the same case and op."""
+    """speedup_vs_native = native eager's median / this row's median, for the same case, op and
+    thread count; for the loss suite also speedup_vs_torch_lce = the faster of torch's own
+    F.linear_cross_entropy variants' median / this median."""
     baseline: dict[tuple, float] = {}
+    torch_lce: dict[tuple, float] = {}
     for r in rows:  # the first native row of a case: its plain variant (the loss suite's "unfused")
         if r.get("contender") == "native" and r.get("status") == "ok" and "median_ms" in r:
-            baseline.setdefault(tuple(r[k] for k in _KEY), r["median_ms"])
+            key = tuple(r.get(k) for k in _KEY)
+            baseline.setdefault(key, r["median_ms"])
+            if r.get("variant") in TORCH_LCE:
+                torch_lce[key] = min(torch_lce.get(key, math.inf), r["median_ms"])
     for r in rows:
-        base = baseline.get(tuple(r.get(k) for k in _KEY))
-        if base is not None and r.get("status") == "ok" and r.get("median_ms"):
-            r["speedup_vs_native"] = base / r["median_ms"]
+        if r.get("status") != "ok" or not r.get("median_ms"):
+            continue
+        key = tuple(r.get(k) for k in _KEY)
+        if key in baseline:
+            r["speedup_vs_native"] = baseline[key] / r["median_ms"]
+        if key in torch_lce and r.get("variant") not in TORCH_LCE:
+            r["speedup_vs_torch_lce"] = torch_lce[key] / r["median_ms"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -95,10 +112,17 @@ def _mib(value: Any) -> str:
     return "" if value in (None, "") else f"{value / 2**20:.3g}"
 
 
+def _spread(row: Row) -> str:
+    if row.get("q20_ms") is None:
+        return ""
+    return f"{_fmt(row.get('q20_ms'))}–{_fmt(row.get('q80_ms'))}"
+
+
 def write_markdown(rows: Sequence[Row], path: Path, header: Sequence[str]) -> None:
-    parts = list(header)
+    parts = list(header) + summary_lines(rows)
     timing_headers = [
-        "case", "dtype", "act", "op", "contender", "status", "median ms", "TFLOP/s", "GB/s",
+        "case", "dtype", "threads", "act", "op", "contender", "status", "median ms", "q20–q80 ms",
+        "TFLOP/s", "GB/s",
         "× native", "floor ms (bound)", "% of floor", "max rel err", "note",
     ]  # fmt: skip
     for suite in ("layer", "mlp", "loss"):
@@ -111,8 +135,9 @@ def write_markdown(rows: Sequence[Row], path: Path, header: Sequence[str]) -> No
             floor = f"{_fmt(r.get('floor_ms'))} ({r.get('floor_bound', '')})" if r.get("floor_ms") else ""
             frac = f"{100 * r['floor_frac']:.1f}" if r.get("floor_frac") else ""
             lines.append([
-                r["case"], r["dtype"], r.get("activation", ""), r["op"], contender, r["status"],
-                _fmt(r.get("median_ms")), _fmt(r.get("tflops")), _fmt(r.get("gbps")),
+                r["case"], r["dtype"], _fmt(r.get("threads")), r.get("activation", ""), r["op"],
+                contender, r["status"], _fmt(r.get("median_ms")), _spread(r), _fmt(r.get("tflops")),
+                _fmt(r.get("gbps")),
                 _fmt(r.get("speedup_vs_native")), floor, frac, _fmt(r.get("max_rel_err"), 2),
                 r.get("note", ""),
             ])  # fmt: skip
@@ -129,6 +154,7 @@ def write_markdown(rows: Sequence[Row], path: Path, header: Sequence[str]) -> No
                 r["status"],
                 _mib(r.get("saved_bytes")),
                 _mib(r.get("saved_activation_bytes")),
+                _mib(r.get("retained_bytes")),
                 _mib(r.get("peak_bytes")),
                 r.get("note", ""),
             ]  # fmt: skip
@@ -136,7 +162,7 @@ def write_markdown(rows: Sequence[Row], path: Path, header: Sequence[str]) -> No
         ]
         headers = [
             "what", "case", "dtype", "act", "contender", "status", "saved MiB",
-            "saved beyond inputs+params MiB", "peak MiB (CUDA)", "note",
+            "saved beyond inputs+params MiB", "kept after forward MiB", "peak MiB", "note",
         ]  # fmt: skip
         parts += ["## memory (one forward + backward)", "", _table(headers, lines), ""]
     path.write_text("\n".join(parts) + "\n")

@@ -20,10 +20,11 @@ import torch
 
 from manualbp.activations import get_activation
 from manualbp.bench.cases import Case, dtype_name
+from manualbp.bench.common import Env
 from manualbp.bench.contenders import Contender, make_contenders
 from manualbp.bench.memory import memory_case
 from manualbp.bench.report import COLUMNS, add_speedups, write_csv, write_markdown, write_plot
-from manualbp.bench.suites import LAYER_OPS, Env, run_case
+from manualbp.bench.suites import LAYER_OPS, run_case
 from manualbp.bench.timing import Ceilings, measure_ceilings
 
 __all__ = ["COLUMNS", "SUITES", "BenchConfig", "BenchResult", "run_benchmark"]
@@ -38,18 +39,23 @@ class BenchConfig:
     suites: Sequence[str] = ("layer", "mlp", "loss", "memory")
     shapes: Sequence[tuple[int, int, int]] = ((256, 256, 256),)
     loss_shapes: Sequence[tuple[int, int, int]] = ()  # (rows, classes, hidden); () = `shapes`
+    mlp_shapes: Sequence[tuple[int, int, int]] = ()  # (batch, width, input width); () = `shapes`
     dtypes: Sequence[torch.dtype] = (torch.float32,)
     activations: Sequence[str] = ("gelu",)
     contenders: Sequence[str] = ("manualbp-triton", "manualbp-torch", "native", "compile")
     memory_contenders: Sequence[str] | None = None  # None: the same as `contenders`
-    depth: int = 4
+    depth: int = 4  # the mlp suite's depth when `depths` is empty
+    depths: Sequence[int] = ()  # the mlp suite's depths (one case each); () = (depth,)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: Path = Path("bench-results")
     name: str = "bench"
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     seed: int = 0
-    threads: int | None = None  # torch.set_num_threads during the run (CPU); None: leave it
+    # torch.set_num_threads during the run (CPU); several: the timing cases once per count, each
+    # count's rows marked with it; None: leave torch's own
+    threads: int | Sequence[int] | None = None
+    rounds: int = 9  # CPU: interleaved rounds per timing (manualbp.bench.interleave)
     ceilings: bool = True
     plot: bool = True
     progress: bool = True
@@ -71,13 +77,32 @@ def _check_config(config: BenchConfig) -> None:
     unknown = [s for s in config.suites if s not in SUITES]
     if unknown or not config.suites:
         raise ValueError(f"suites: expected some of {', '.join(SUITES)}, got {list(config.suites)}")
-    for shape in [*config.shapes, *config.loss_shapes]:
+    for shape in [*config.shapes, *config.loss_shapes, *config.mlp_shapes]:
         if len(shape) != 3 or any(int(v) < 1 for v in shape):
             raise ValueError(f"shapes: expected (M, N, K) of positive ints, got {shape}")
     for activation in config.activations:
         get_activation(activation)  # raises ValueError naming the known activations
-    if config.depth < 1:
-        raise ValueError(f"depth: expected a positive int, got {config.depth}")
+    for depth in depths_of(config):
+        if depth < 1:
+            raise ValueError(f"depths: expected positive ints, got {list(depths_of(config))}")
+    for threads in thread_counts(config):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: expected positive ints, got {config.threads}")
+    if config.rounds < 1:
+        raise ValueError(f"rounds: expected a positive int, got {config.rounds}")
+
+
+def depths_of(config: BenchConfig) -> list[int]:
+    return list(config.depths) if config.depths else [config.depth]
+
+
+def thread_counts(config: BenchConfig) -> list[int | None]:
+    """The thread counts the timing cases run under, in order ([None]: torch's own)."""
+    if config.threads is None:
+        return [None]
+    if isinstance(config.threads, int):
+        return [config.threads]
+    return list(config.threads) or [None]
 
 
 def _device_name(device: torch.device) -> str:
@@ -91,7 +116,7 @@ def _device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU {name}, threads={torch.get_num_threads()}"
+    return f"CPU {name}"
 
 
 def _version(package: str) -> str:
@@ -106,11 +131,13 @@ def _cases(config: BenchConfig) -> tuple[list[Case], list[Case]]:
     budget, what runs out is the end of this list."""
     shapes = list(config.shapes)
     loss_shapes = list(config.loss_shapes) if config.loss_shapes else shapes
+    mlp_shapes = list(config.mlp_shapes) if config.mlp_shapes else shapes
     per_suite: dict[str, list[Case]] = {"layer": [], "mlp": [], "loss": []}
     for dtype in config.dtypes:
         for (M, N, K), activation in itertools.product(shapes, config.activations):
             per_suite["layer"].append(Case("layer", M, N, K, dtype, activation))
-            per_suite["mlp"].append(Case("mlp", M, N, K, dtype, activation, config.depth))
+        grid = itertools.product(mlp_shapes, config.activations, depths_of(config))
+        per_suite["mlp"] += [Case("mlp", M, N, K, dtype, act, depth) for (M, N, K), act, depth in grid]
         # the loss head has no activation: one case per shape and dtype
         per_suite["loss"] += [Case("loss", M, N, K, dtype, "") for M, N, K in loss_shapes]
     timing = [
@@ -180,46 +207,67 @@ def _skipped(case: Case, contenders: Sequence[Contender], note: str, memory: boo
     return rows
 
 
-def _header(config: BenchConfig, tags: dict[str, str], ceilings: Ceilings | None) -> list[str]:
+def _method(config: BenchConfig, device: torch.device) -> str:
+    """How the times were taken, for the Markdown header."""
+    if device.type == "cuda":
+        timing = (
+            "Times are medians of triton.testing.do_bench (warm-up, then many runs of each contender "
+            "in turn; L2 cleared before each run)."
+        )
+    else:
+        timing = (
+            "Times are interleaved medians: all contenders of one case and operation are timed in the "
+            f"same stretch of time, as {config.rounds} rounds of one block per contender (the same "
+            "number of calls each, sized from a warm-up so that the slowest block lasts about "
+            f"{config.rep_ms:g} ms ÷ {config.rounds}), in an order that rotates and reverses from round "
+            "to round; a block is timed with the process's CPU time (time.process_time) with one "
+            "thread, with wall time (time.perf_counter) with more; a contender's time is the median "
+            "of its blocks' per-call times, q20/q80 their 20/80 % quantiles."
+        )
+    return (
+        f"{timing} `× native` = native eager's median ÷ this median (> 1 is faster), from the same "
+        "interleaved run. The floor is the roofline bound max(FLOPs ÷ peak matmul rate, minimal "
+        "bytes ÷ copy bandwidth) from the ceilings above; `% of floor` = floor ÷ median. Every "
+        "contender's output and gradients were checked against native autograd before timing "
+        "(`max rel err`); a wrong result is an `error` row."
+    )
+
+
+def _header(
+    config: BenchConfig, tags: dict[str, str], ceilings: dict[int, Ceilings], device: torch.device
+) -> list[str]:
+    counts = ", ".join(str(t) for t in ceilings) or ", ".join(
+        str(t if t is not None else torch.get_num_threads()) for t in thread_counts(config)
+    )
     lines = [
         "# manualbp benchmark",
         "",
         f"- command: `{config.command or '(called from Python)'}`",
         f"- date: {tags['date']}",
-        f"- device: {tags['device']}; torch {tags['torch']}; triton {tags['triton']}",
+        f"- device: {tags['device']}, threads {counts}; torch {tags['torch']}; triton {tags['triton']}",
         f"- TF32 matmuls allowed: {torch.backends.cuda.matmul.allow_tf32}",
     ]
     if config.note:
         lines.append(f"- note: {config.note}")
-    if ceilings is not None:
-        for dtype, peak in ceilings.peak_flops.items():
-            n = ceilings.matmul_size[dtype]
+    for threads, ceiling in ceilings.items():
+        where = f", threads={threads}" if device.type == "cpu" else ""
+        for dtype, peak in ceiling.peak_flops.items():
+            n = ceiling.matmul_size[dtype]
             lines.append(
-                f"- measured peak matmul rate, {dtype_name(dtype)}: {peak / 1e12:.3g} TFLOP/s "
+                f"- measured peak matmul rate, {dtype_name(dtype)}{where}: {peak / 1e12:.3g} TFLOP/s "
                 f"({n}×{n}×{n}, 20 % quantile of the times)"
             )
         lines.append(
-            f"- measured copy bandwidth: {ceilings.bandwidth / 1e9:.3g} GB/s "
-            f"(copy_ of {ceilings.copy_bytes // 2 / 2**20:.0f} MiB, read + write counted, 20 % quantile)"
+            f"- measured copy bandwidth{where}: {ceiling.bandwidth / 1e9:.3g} GB/s "
+            f"(copy_ of {ceiling.copy_bytes // 2 / 2**20:.0f} MiB, read + write counted, 20 % quantile)"
         )
-    lines += [
-        "",
-        "Times are medians (CUDA: triton.testing.do_bench; CPU: torch.utils.benchmark blocked_autorange). "
-        "`× native` = native eager's median ÷ this median (> 1 is faster). The floor is the roofline "
-        "bound max(FLOPs ÷ peak matmul rate, minimal bytes ÷ copy bandwidth) from the ceilings above; "
-        "`% of floor` = floor ÷ median. Every contender's output and gradients were checked against "
-        "native autograd before timing (`max rel err`); a wrong result is an `error` row.",
-        "",
-    ]
-    return lines
+    return [*lines, "", _method(config, device), ""]
 
 
 def run_benchmark(config: BenchConfig) -> BenchResult:
     """Run `config`; write `<name>.csv`, `<name>.md`, `<name>.png` into `config.out`."""
     _check_config(config)
     threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     try:
         return _run(config)
     finally:
@@ -233,33 +281,31 @@ def _run(config: BenchConfig) -> BenchResult:
         contenders if config.memory_contenders is None else make_contenders(config.memory_contenders)
     )
     timing_cases, memory_cases = _cases(config)
+    groups = thread_counts(config)
     tags = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": _device_name(device),
         "torch": torch.__version__,
         "triton": _version("triton"),
     }
-    ceilings = (
-        measure_ceilings(device, list(config.dtypes), config.warmup_ms, config.rep_ms)
-        if config.ceilings
-        else None
-    )
-    env = Env(device, config.warmup_ms, config.rep_ms, ceilings, config.seed, config.ref64_max_flops)
+    ceilings: dict[int, Ceilings] = {}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    total = len(contenders) * len(timing_cases) + len(memory_contenders) * len(memory_cases)
+    total = len(groups) * len(contenders) * len(timing_cases) + len(memory_contenders) * len(memory_cases)
     with _progress(total, config.progress) as advance:
         try:
-            for case, memory in [(c, False) for c in timing_cases] + [(c, True) for c in memory_cases]:
-                label = f"{'memory ' if memory else ''}{case.suite} {case.label} {dtype_name(case.dtype)}"
-                who = memory_contenders if memory else contenders
-                if time.perf_counter() - start > config.time_budget_s:
-                    rows += _skipped(case, who, "time budget spent", memory)
-                    for _ in who:
-                        advance(label)
-                    continue
-                suite = memory_case if memory else run_case
-                rows += suite(case, who, env, functools.partial(advance, label))
+            for group, threads in enumerate(groups):
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                ceiling = None
+                if config.ceilings:
+                    ceiling = measure_ceilings(device, list(config.dtypes), config.warmup_ms, config.rep_ms)
+                    ceilings[torch.get_num_threads()] = ceiling
+                env = Env(device, config.warmup_ms, config.rep_ms, ceiling, config.seed,
+                          config.ref64_max_flops, config.rounds)  # fmt: skip
+                # Memory does not depend on the thread count: measured once, in the first group.
+                cases = [(c, False) for c in timing_cases] + [(c, True) for c in memory_cases if group == 0]
+                _run_group(config, cases, contenders, memory_contenders, env, start, advance, rows)
         except KeyboardInterrupt:
             # Interrupted (e.g. `timeout -s INT`): still write what was measured.
             rows.append(
@@ -276,13 +322,41 @@ def _run(config: BenchConfig) -> BenchResult:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{config.name}.csv", out / f"{config.name}.md"]
     write_csv(rows, paths[0])
-    write_markdown(rows, paths[1], _header(config, tags, ceilings))
+    write_markdown(rows, paths[1], _header(config, tags, ceilings, device))
     if config.plot and importlib.util.find_spec("matplotlib") is None:
         print(f"no {config.name}.png: matplotlib is not installed (pip install manualbp[bench])")
     elif config.plot:
         png = out / f"{config.name}.png"
-        peaks = {dtype_name(d): p for d, p in ceilings.peak_flops.items()} if ceilings else {}
+        first = next(iter(ceilings.values()), None)
+        peaks = {dtype_name(d): p for d, p in first.peak_flops.items()} if first else {}
         title = f"manualbp bench — {tags['device']} — torch {tags['torch']} — {tags['date']}"
         if write_plot(rows, png, title, peaks):
             paths.append(png)
-    return BenchResult(rows, paths, ceilings)
+    return BenchResult(rows, paths, next(iter(ceilings.values()), None))
+
+
+def _run_group(
+    config: BenchConfig,
+    cases: list[tuple[Case, bool]],
+    contenders: list[Contender],
+    memory_contenders: list[Contender],
+    env: Env,
+    start: float,
+    advance: Callable[[str], None],
+    rows: list[dict[str, Any]],
+) -> None:
+    """Append the rows of `cases` ((case, is memory)) under the current thread count to `rows`
+    (in place, so that an interrupted run keeps what was measured)."""
+    threads = torch.get_num_threads()
+    for case, memory in cases:
+        label = f"{'memory ' if memory else ''}{case.suite} {case.label} {dtype_name(case.dtype)}"
+        label += f" threads={threads}"
+        who = memory_contenders if memory else contenders
+        if time.perf_counter() - start > config.time_budget_s:
+            case_rows = _skipped(case, who, "time budget spent", memory)
+            for _ in who:
+                advance(label)
+        else:
+            suite = memory_case if memory else run_case
+            case_rows = suite(case, who, env, functools.partial(advance, label))
+        rows += [{**row, "threads": threads} for row in case_rows]

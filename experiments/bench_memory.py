@@ -27,7 +27,6 @@ import csv
 import datetime
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import manualbp as mbp
+from manualbp.bench.memory import peak_bytes
 from manualbp.ops.heads import linear_cross_entropy
 from manualbp.ops.network import saved_tensor_bytes
 
@@ -50,35 +50,6 @@ def _native(model: mbp.MLP) -> nn.Sequential:
         lin.load_state_dict(layer.state_dict())
         mods += [lin, layer.act.native()]
     return nn.Sequential(*mods)
-
-
-def peak_bytes(step: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
-    """(peak above the start, from allocation events; CUDA max_memory_allocated above the start)."""
-    cuda_peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        cuda_peak = torch.cuda.max_memory_allocated(device) - base
-    # Memory events carry signed byte counts (allocations +, frees −): the running sum's maximum
-    # is the peak above the start. Only events of the measured device are counted.
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        if e.name() == "[memory]" and (e.device_type().name.lower() == device.type)
-    ]
-    total = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        total += event.nbytes()
-        peak = max(peak, total)
-    return peak, cuda_peak
 
 
 def mlp_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:

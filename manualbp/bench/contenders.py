@@ -2,6 +2,8 @@
 
 * ``manualbp-triton`` — manualbp's modules under ``mbp.use_backend("triton")``;
 * ``manualbp-torch``  — the same modules on the plain-PyTorch reference backend;
+* ``manualbp-layers`` — ``mbp.MLP(mode="layers")`` on that backend (mlp suite only): one autograd
+  node per layer, against the default whole-network mode of ``manualbp-torch``;
 * ``manualbp-fused``  — ``mbp.MLP(mode="fused")`` (mlp suite only): the whole stack in one
   forward and one δ-sweep kernel; where the Triton kernels can run (CUDA, or the interpreter
   with ``--interpreter``) and every width is ≤ 128;
@@ -34,6 +36,7 @@ __all__ = [
     "Contender",
     "LossFn",
     "FusedContender",
+    "LayersModeContender",
     "ManualbpContender",
     "NativeContender",
     "copy_linear_params",
@@ -47,6 +50,7 @@ CONTENDER_NAMES: tuple[str, ...] = (
     "manualbp-triton",
     "manualbp-torch",
     "manualbp-fused",
+    "manualbp-layers",
     "native",
     "compile",
     "compile-max-autotune",
@@ -207,6 +211,19 @@ class FusedContender(ManualbpContender):
         return mbp.MLP(list(sizes), activation=activation, mode="fused")
 
 
+class LayersModeContender(ManualbpContender):
+    """`mbp.MLP(mode="layers")` on the reference backend, in the mlp suite."""
+
+    suites = ("mlp",)
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.name = "manualbp-layers"
+
+    def mlp_module(self, sizes: Sequence[int], activation: str) -> nn.Module:
+        return mbp.MLP(list(sizes), activation=activation, mode="layers")
+
+
 class NativeContender(Contender):
     """nn.Linear + the activation's torch module; eager, or torch.compile'd in `compile_mode`."""
 
@@ -291,6 +308,8 @@ def make_contenders(names: Sequence[str]) -> list[Contender]:
             contenders.append(ManualbpContender("torch"))
         elif name == "manualbp-fused":
             contenders.append(FusedContender())
+        elif name == "manualbp-layers":
+            contenders.append(LayersModeContender())
         elif name == "native":
             contenders.append(NativeContender(None))
         elif name == "compile":

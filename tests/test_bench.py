@@ -17,10 +17,10 @@ from torch import nn
 
 from manualbp.bench.__main__ import main
 from manualbp.bench.cases import TOLERANCES, Case
+from manualbp.bench.common import Reference, max_rel_error
 from manualbp.bench.contenders import NativeContender, make_contenders
 from manualbp.bench.report import COLUMNS, add_speedups
 from manualbp.bench.runner import BenchConfig, run_benchmark
-from manualbp.bench.common import Reference, max_rel_error
 from manualbp.bench.timing import measure_ceilings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -68,7 +68,7 @@ def allocations(fn: Callable[[], object], device: torch.device) -> tuple[Allocat
         synchronize(device)
     events = [
         e
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        for e in prof.profiler.kineto_results.events()
         if e.name() == "[memory]" and e.device_type().name.lower() == device.type
     ]
     events.sort(key=lambda e: e.start_ns())
@@ -137,8 +137,8 @@ def measure_memory(
         del out
         synchronize(device)
         return Measured(saved, extra, retained, torch.cuda.max_memory_allocated(device) - before)
-    first, out = allocations(forward, device)
-    second, _ = allocations(lambda: backward(cast(Tensor, out)), device)
+    first, loss = allocations(forward, device)
+    second, _ = allocations(functools.partial(backward, cast(Tensor, loss)), device)
     return Measured(saved, extra, first.net, first.then(second).peak)
 
 

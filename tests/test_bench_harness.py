@@ -17,7 +17,7 @@ import torch
 import manualbp as mbp
 from manualbp.bench import common
 from manualbp.bench.__main__ import activation_names, build_parser, main
-from manualbp.bench.cases import Case
+from manualbp.bench.cases import Case, MlpCell
 from manualbp.bench.common import Env, Pending, time_group
 from manualbp.bench.interleave import block_order, calls_per_block, interleaved, quantile
 from manualbp.bench.memory import (
@@ -29,7 +29,7 @@ from manualbp.bench.memory import (
     running_peak,
 )
 from manualbp.bench.report import add_speedups
-from manualbp.bench.runner import BenchConfig, _cases
+from manualbp.bench.runner import BenchConfig, _cases, all_dtypes, all_thread_counts, runs_under
 from manualbp.bench.summary import geometric_mean, spreads, summary_lines
 
 
@@ -250,6 +250,41 @@ def test_grid_options_parse() -> None:
     )
 
 
+def test_mlp_cells_parse_and_sample_the_grid() -> None:
+    cell = MlpCell.parse("4096x2048:2:relu,gelu:bf16:1")
+    assert cell == MlpCell((4096, 2048, 2048), (2,), ("relu", "gelu"), (torch.bfloat16,), (1,))
+    assert MlpCell.parse("32x8x4") == MlpCell((32, 8, 4))
+    assert MlpCell.parse("32x8:*:*:float32") == MlpCell((32, 8, 8), dtypes=(torch.float32,))
+    for bad in ("32", "0x8", "32x8:x", "32x8:0", "32x8:2:relu:float32:0", "32x8:1:relu:f32:1:extra"):
+        with pytest.raises(ValueError, match="mlp cell"):
+            MlpCell.parse(bad)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        MlpCell.parse("32x8:2:relu:float8")
+    args = build_parser().parse_args(["--mlp-cells", "64x128:2,4"])
+    assert args.mlp_cells == [MlpCell((64, 128, 128), (2, 4))]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--mlp-cells", "64x128:two"])
+
+    config = BenchConfig(
+        suites=("mlp",),
+        mlp_cells=(cell, MlpCell((8, 16, 16))),
+        depths=(2, 8),
+        activations=("tanh",),
+        dtypes=(torch.float32,),
+        threads=(2,),
+        device="cpu",
+    )
+    timing, _ = _cases(config)  # only the cells: no product from --shapes
+    got = [(c.M, c.depth, c.activation, str(c.dtype), c.threads) for c in timing]
+    assert got == [
+        (4096, 2, "relu", "torch.bfloat16", 1), (4096, 2, "gelu", "torch.bfloat16", 1),
+        (8, 2, "tanh", "torch.float32", None), (8, 8, "tanh", "torch.float32", None),
+    ]  # fmt: skip
+    assert all_thread_counts(config) == [2, 1] and all_dtypes(config) == [torch.float32, torch.bfloat16]
+    assert [runs_under(c, 2, config) for c in timing] == [False, False, True, True]
+    assert [runs_under(c, 1, config) for c in timing] == [True, True, False, False]
+
+
 def test_cases_cover_the_grid() -> None:
     config = BenchConfig(
         suites=("layer", "mlp", "loss"),
@@ -272,9 +307,8 @@ def test_cases_cover_the_grid() -> None:
     )
     assert len([c for c in timing if c.suite == "layer"]) == 2 * 2  # --shapes × activations × dtypes
     assert [(c.M, c.N, c.K) for c in timing if c.suite == "loss"] == [(8, 10, 4)] * 2
-    assert (
-        BenchConfig(depth=3).depths == () and _cases(BenchConfig(suites=("mlp",), depth=3))[0][0].depth == 3
-    )
+    assert BenchConfig(depth=3).depths == ()  # --depth alone: one depth
+    assert [c.depth for c in _cases(BenchConfig(suites=("mlp",), depth=3))[0]] == [3]
 
 
 # --------------------------------------------------------------------------------- peak memory

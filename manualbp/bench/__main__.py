@@ -18,12 +18,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from manualbp.bench.cases import MlpCell
 from manualbp.bench.contenders import CONTENDER_NAMES
 from manualbp.bench.runner import SUITES as SUITE_NAMES
 
@@ -57,6 +59,13 @@ def _mlp_shape(text: str) -> tuple[int, int, int]:
     return _shape(text)
 
 
+def _mlp_cell(text: str) -> MlpCell:
+    try:
+        return MlpCell.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def activation_names(names: Sequence[str]) -> list[str]:
     """`names` with "all" expanded to every activation of manualbp's registry (order kept, no repeats)."""
     from manualbp.activations import ACTIVATIONS
@@ -67,6 +76,10 @@ def activation_names(names: Sequence[str]) -> list[str]:
             if one not in expanded:
                 expanded.append(one)
     return expanded
+
+
+def _expand_cell(cell: MlpCell) -> MlpCell:
+    return dataclasses.replace(cell, activations=tuple(activation_names(cell.activations)))
 
 
 def program_name(argv0: str | None = None) -> str:
@@ -105,6 +118,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="loss suite shapes: rows x classes x hidden (default: --shapes)")  # fmt: skip
     parser.add_argument("--mlp-shapes", nargs="+", type=_mlp_shape, metavar="BxW",
                         help="mlp suite shapes: batch x width (or MxNxK; default: --shapes)")  # fmt: skip
+    parser.add_argument("--mlp-cells", nargs="+", type=_mlp_cell, metavar="BxW:L:ACT:DTYPE:THREADS",
+                        help="sampled mlp cells beside the --mlp-shapes product, each field a comma "
+                        "list or * for the run's own (e.g. 4096x2048:2:relu:float32:1)")  # fmt: skip
     parser.add_argument("-M", nargs="+", type=int, default=None, help="rows (batch); product with -N/-K")
     parser.add_argument("-N", nargs="+", type=int, default=None, help="output features (classes for loss)")
     parser.add_argument("-K", nargs="+", type=int, default=None, help="input features")
@@ -184,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss_shapes=args.loss_shapes or (),
         dtypes=[parse_dtype(d) for d in dtype_names],
         mlp_shapes=args.mlp_shapes or (),
+        mlp_cells=[_expand_cell(cell) for cell in args.mlp_cells or ()],
         activations=activation_names(args.activations),
         contenders=contenders,
         memory_contenders=args.memory_contenders,

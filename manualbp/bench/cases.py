@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Case", "TOLERANCES", "dtype_name", "parse_dtype"]
+__all__ = ["Case", "MlpCell", "TOLERANCES", "dtype_name", "parse_dtype"]
 
 #: Relative error ‖ours − ref‖ / ‖ref‖ a contender may show, per storage dtype, when the
 #: reference is native autograd in float64 (or in the same dtype where float64 is too costly).
@@ -60,6 +60,7 @@ class Case:
     dtype: torch.dtype
     activation: str
     depth: int = 1
+    threads: int | None = None  # CPU: only under this thread count (None: under each of the run's)
 
     @property
     def label(self) -> str:
@@ -109,3 +110,44 @@ class Case:
             # the logits (M × N) need never reach memory: that is what the fused head is for
             return float(s * (2 * M * K + 2 * N * K + 2 * N) + 8 * M)  # + int64 targets
         raise ValueError(f"suite: expected layer, mlp or loss, got {self.suite!r}")
+
+
+@dataclass(frozen=True)
+class MlpCell:
+    """A sampled part of the mlp suite's grid: one shape (batch, width, input width) under some
+    depths, activations, dtypes and thread counts; an empty tuple means the run's own list.
+    Where the full product of the grid would take too long (the wide, large-batch corner), a
+    few cells sample it."""
+
+    shape: tuple[int, int, int]
+    depths: tuple[int, ...] = ()
+    activations: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()
+    threads: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> MlpCell:
+        """``BxW[:DEPTHS[:ACTIVATIONS[:DTYPES[:THREADS]]]]``, each list comma-separated, ``*`` or
+        nothing for the run's own (e.g. ``4096x2048:2:relu,gelu:float32:1``); MxNxK for a shape
+        whose input width differs."""
+        fields = text.split(":")
+        if len(fields) > 5:
+            raise ValueError(
+                f"mlp cell: expected BxW[:depths[:activations[:dtypes[:threads]]]], got {text!r}"
+            )
+        parts = fields[0].lower().split("x")
+        try:
+            dims = [int(p) for p in parts]
+            lists = [[] if f in ("", "*") else f.split(",") for f in fields[1:]] + [[]] * (5 - len(fields))
+            depths, threads = (tuple(int(v) for v in lists[i]) for i in (0, 3))
+        except ValueError:
+            dims, depths, threads = [], (), ()
+        if len(dims) == 2:
+            dims.append(dims[1])
+        if len(dims) != 3 or min(dims) < 1 or min((*depths, *threads), default=1) < 1:
+            raise ValueError(
+                f"mlp cell: expected BxW or MxNxK and positive depths/threads "
+                f"(e.g. 4096x2048:2:relu:float32:1), got {text!r}"
+            )
+        dtypes = tuple(parse_dtype(d) for d in lists[2])
+        return cls((dims[0], dims[1], dims[2]), depths, tuple(lists[1]), dtypes, threads)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from manualbp.activations import get_activation
-from manualbp.bench.cases import Case, dtype_name
+from manualbp.bench.cases import Case, MlpCell, dtype_name
 from manualbp.bench.common import Env
 from manualbp.bench.contenders import Contender, make_contenders
 from manualbp.bench.memory import memory_case
@@ -40,6 +40,9 @@ class BenchConfig:
     shapes: Sequence[tuple[int, int, int]] = ((256, 256, 256),)
     loss_shapes: Sequence[tuple[int, int, int]] = ()  # (rows, classes, hidden); () = `shapes`
     mlp_shapes: Sequence[tuple[int, int, int]] = ()  # (batch, width, input width); () = `shapes`
+    # sampled cells of the mlp grid, beside the product of `mlp_shapes` (which, when only cells
+    # are given, is left out rather than taken from `shapes`)
+    mlp_cells: Sequence[MlpCell] = ()
     dtypes: Sequence[torch.dtype] = (torch.float32,)
     activations: Sequence[str] = ("gelu",)
     contenders: Sequence[str] = ("manualbp-triton", "manualbp-torch", "native", "compile")
@@ -80,12 +83,12 @@ def _check_config(config: BenchConfig) -> None:
     for shape in [*config.shapes, *config.loss_shapes, *config.mlp_shapes]:
         if len(shape) != 3 or any(int(v) < 1 for v in shape):
             raise ValueError(f"shapes: expected (M, N, K) of positive ints, got {shape}")
-    for activation in config.activations:
+    for activation in [*config.activations, *(a for cell in config.mlp_cells for a in cell.activations)]:
         get_activation(activation)  # raises ValueError naming the known activations
-    for depth in depths_of(config):
+    for depth in [*depths_of(config), *(d for cell in config.mlp_cells for d in cell.depths)]:
         if depth < 1:
             raise ValueError(f"depths: expected positive ints, got {list(depths_of(config))}")
-    for threads in thread_counts(config):
+    for threads in all_thread_counts(config):
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected positive ints, got {config.threads}")
     if config.rounds < 1:
@@ -103,6 +106,28 @@ def thread_counts(config: BenchConfig) -> list[int | None]:
     if isinstance(config.threads, int):
         return [config.threads]
     return list(config.threads) or [None]
+
+
+def all_thread_counts(config: BenchConfig) -> list[int | None]:
+    """`thread_counts`, then those only some mlp cells ask for."""
+    counts = thread_counts(config)
+    for cell in config.mlp_cells:
+        counts += [t for t in cell.threads if t not in counts]
+    return counts
+
+
+def runs_under(case: Case, threads: int | None, config: BenchConfig) -> bool:
+    """Whether `case` is timed in the group of thread count `threads` (as requested)."""
+    if case.threads is None:
+        return threads in thread_counts(config)
+    return case.threads == threads
+
+
+def all_dtypes(config: BenchConfig) -> list[torch.dtype]:
+    dtypes = list(config.dtypes)
+    for cell in config.mlp_cells:
+        dtypes += [d for d in cell.dtypes if d not in dtypes]
+    return dtypes
 
 
 def _device_name(device: torch.device) -> str:
@@ -131,7 +156,7 @@ def _cases(config: BenchConfig) -> tuple[list[Case], list[Case]]:
     budget, what runs out is the end of this list."""
     shapes = list(config.shapes)
     loss_shapes = list(config.loss_shapes) if config.loss_shapes else shapes
-    mlp_shapes = list(config.mlp_shapes) if config.mlp_shapes else shapes
+    mlp_shapes = list(config.mlp_shapes) if config.mlp_shapes else [] if config.mlp_cells else shapes
     per_suite: dict[str, list[Case]] = {"layer": [], "mlp": [], "loss": []}
     for dtype in config.dtypes:
         for (M, N, K), activation in itertools.product(shapes, config.activations):
@@ -140,6 +165,15 @@ def _cases(config: BenchConfig) -> tuple[list[Case], list[Case]]:
         per_suite["mlp"] += [Case("mlp", M, N, K, dtype, act, depth) for (M, N, K), act, depth in grid]
         # the loss head has no activation: one case per shape and dtype
         per_suite["loss"] += [Case("loss", M, N, K, dtype, "") for M, N, K in loss_shapes]
+    for cell in config.mlp_cells:
+        M, N, K = cell.shape
+        cell_grid = itertools.product(
+            cell.dtypes or config.dtypes,
+            cell.activations or config.activations,
+            cell.depths or depths_of(config),
+            cell.threads or [None],
+        )
+        per_suite["mlp"] += [Case("mlp", M, N, K, dtype, act, depth, t) for dtype, act, depth, t in cell_grid]
     timing = [
         case for suite in ("layer", "mlp", "loss") if suite in config.suites for case in per_suite[suite]
     ]
@@ -281,7 +315,7 @@ def _run(config: BenchConfig) -> BenchResult:
         contenders if config.memory_contenders is None else make_contenders(config.memory_contenders)
     )
     timing_cases, memory_cases = _cases(config)
-    groups = thread_counts(config)
+    groups = all_thread_counts(config)
     tags = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": _device_name(device),
@@ -291,7 +325,8 @@ def _run(config: BenchConfig) -> BenchResult:
     ceilings: dict[int, Ceilings] = {}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    total = len(groups) * len(contenders) * len(timing_cases) + len(memory_contenders) * len(memory_cases)
+    per_group = [[c for c in timing_cases if runs_under(c, t, config)] for t in groups]
+    total = len(contenders) * sum(map(len, per_group)) + len(memory_contenders) * len(memory_cases)
     with _progress(total, config.progress) as advance:
         try:
             for group, threads in enumerate(groups):
@@ -299,12 +334,13 @@ def _run(config: BenchConfig) -> BenchResult:
                     torch.set_num_threads(threads)
                 ceiling = None
                 if config.ceilings:
-                    ceiling = measure_ceilings(device, list(config.dtypes), config.warmup_ms, config.rep_ms)
+                    ceiling = measure_ceilings(device, all_dtypes(config), config.warmup_ms, config.rep_ms)
                     ceilings[torch.get_num_threads()] = ceiling
                 env = Env(device, config.warmup_ms, config.rep_ms, ceiling, config.seed,
                           config.ref64_max_flops, config.rounds)  # fmt: skip
                 # Memory does not depend on the thread count: measured once, in the first group.
-                cases = [(c, False) for c in timing_cases] + [(c, True) for c in memory_cases if group == 0]
+                cases = [(c, False) for c in per_group[group]]
+                cases += [(c, True) for c in memory_cases if group == 0]
                 _run_group(config, cases, contenders, memory_contenders, env, start, advance, rows)
         except KeyboardInterrupt:
             # Interrupted (e.g. `timeout -s INT`): still write what was measured.

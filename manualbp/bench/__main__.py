@@ -10,9 +10,9 @@ Examples::
     python -m manualbp.bench -M 1024 4096 -N 4096 -K 4096 --dtypes bfloat16 float32
 
     # CPU goal grid of the mlp suite: batch × width (BxW) × depth × activation × dtype × threads
-    python -m manualbp.bench --device cpu --suites mlp --contenders manualbp-torch native \
-        --mlp-shapes 32x64 256x512 4096x2048 --depths 2 4 8 --activations all \
-        --dtypes float32 bfloat16 --threads 1 2
+    python -m manualbp.bench --device cpu --suites mlp --contenders manualbp-torch native \\
+        --mlp-shapes 32x64 256x512 --depths 2 4 8 --activations all \\
+        --dtypes float32 bfloat16 --threads 1 2 --mlp-cells 4096x2048:2:relu:float32:1
 """
 
 from __future__ import annotations

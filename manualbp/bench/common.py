@@ -92,10 +92,17 @@ def linear_params(gen: torch.Generator, n_in: int, n_out: int, case: Case, env: 
 
 
 def reference_dtype(case: Case, env: Env) -> torch.dtype:
-    """float64 wherever it is cheap (always on CUDA), else the case's own dtype."""
+    """float64 wherever it is cheap (always on CUDA); else float32 for a 16-bit case, else the
+    case's own dtype.
+
+    A 16-bit case is never checked against native in its own 16-bit dtype: native's own
+    rounding (a bfloat16 cross-entropy over thousands of classes is off by percents) would then
+    count as the truth, and a contender that accumulates in float32 — torch's chunked
+    F.linear_cross_entropy does — would fail for being more accurate."""
     cost = case.flops("fwd+bwd" if case.suite != "mlp" else "train_step")
-    cheap = env.device.type == "cuda" or cost <= env.ref64_max_flops
-    return torch.float64 if cheap else case.dtype
+    if env.device.type == "cuda" or cost <= env.ref64_max_flops:
+        return torch.float64
+    return torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
 
 
 def up(t: Tensor, dtype: torch.dtype, grad: bool = False) -> Tensor:

@@ -51,6 +51,7 @@ COLUMNS: tuple[str, ...] = (
     "peak_bytes",
     "retained_bytes",
     "calls_per_block",
+    "case_seconds",
 )
 
 Row = dict[str, Any]

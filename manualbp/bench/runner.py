@@ -394,5 +394,8 @@ def _run_group(
                 advance(label)
         else:
             suite = memory_case if memory else run_case
+            began = time.perf_counter()
             case_rows = suite(case, who, env, functools.partial(advance, label))
+            # what the whole case cost (checks and every contender): for sizing a run's grid
+            case_rows = [{**row, "case_seconds": time.perf_counter() - began} for row in case_rows]
         rows += [{**row, "threads": threads} for row in case_rows]

@@ -18,7 +18,7 @@ import manualbp as mbp
 from manualbp.bench import common
 from manualbp.bench.__main__ import activation_names, build_parser, main
 from manualbp.bench.cases import Case, MlpCell
-from manualbp.bench.common import Env, Pending, time_group
+from manualbp.bench.common import Env, Pending, reference_dtype, time_group
 from manualbp.bench.interleave import block_order, calls_per_block, interleaved, quantile
 from manualbp.bench.memory import (
     HIDDEN_SAVES,
@@ -396,3 +396,13 @@ def test_cli_times_a_tiny_goal_grid_per_thread_count(tmp_path: Path) -> None:
     text = (tmp_path / "grid.md").read_text()
     assert "--threads 1 2" in text and "interleaved medians" in text and "3 rounds" in text
     assert "## summary" in text and "| mlp | train_step | manualbp-layers | native | 8 |" in text
+
+
+def test_reference_dtype_float64_where_cheap_else_float32_for_16_bit() -> None:
+    env = Env(torch.device("cpu"), warmup_ms=0, rep_ms=1, ceilings=None, ref64_max_flops=1e6)
+    small = Case("loss", 8, 16, 4, torch.bfloat16, "")
+    large = Case("loss", 2048, 8192, 256, torch.bfloat16, "")
+    assert reference_dtype(small, env) == torch.float64
+    assert reference_dtype(large, env) == torch.float32  # never bfloat16 against bfloat16
+    assert reference_dtype(Case("loss", 2048, 8192, 256, torch.float16, ""), env) == torch.float32
+    assert reference_dtype(Case("mlp", 4096, 2048, 2048, torch.float32, "relu", 2), env) == torch.float32

@@ -130,6 +130,22 @@ def test_interleaved_median_and_quantiles_ignore_one_slow_block() -> None:
     assert quantile(values, 0.5) == statistics.median(values)
 
 
+def test_interleaved_resizes_blocks_when_the_load_changes() -> None:
+    """Calls slow down tenfold after the third round: the round that sees it is long, the later
+    ones shrink to one call, so a neighbour's burst cannot stretch a timing tenfold."""
+    clock = FakeClock()
+    calls = {"n": 0}
+
+    def slows_down() -> None:
+        calls["n"] += 1
+        clock.now += 1e-3 if calls["n"] <= 32 else 1e-2  # 2 warm-up calls + 3 blocks of 10
+
+    (result,) = interleaved([slows_down], warmup_ms=0, rep_ms=90.0, rounds=9, clock=clock)
+    assert result.calls_per_block == 10  # the first round's
+    assert result.block_seconds == pytest.approx([1e-3] * 3 + [1e-2] * 6, rel=1e-9)
+    assert calls["n"] == 2 + 3 * 10 + 10 + 5 * 1
+
+
 def test_interleaved_keeps_timing_the_others_when_one_fails() -> None:
     clock = FakeClock()
     state = {"calls": 0}

@@ -31,7 +31,8 @@ ContextFactory = Callable[[], AbstractContextManager[None]]
 
 @dataclass(frozen=True)
 class Interleaved:
-    """One contender's result: per-call seconds of each round's block (empty if it failed)."""
+    """One contender's result: per-call seconds of each round's block (empty if it failed), and
+    the calls in the first round's blocks (later rounds are resized to the load they see)."""
 
     block_seconds: list[float]
     calls_per_block: int
@@ -80,7 +81,8 @@ def calls_per_block(per_call_seconds: Sequence[float], block_seconds: float) -> 
     slowest = max(per_call_seconds, default=0.0)
     if slowest <= 0.0:
         return 1
-    return max(1, int(block_seconds // slowest))
+    # rounded, not floored: a per-call time a hair above block/n must not drop a call
+    return max(1, round(block_seconds / slowest))
 
 
 def _block(fn: Callable[[], object], calls: int, context: ContextFactory, clock: Clock) -> float:
@@ -105,8 +107,9 @@ def interleaved(
 
     Warm-up: one untimed call each, then timed single calls round-robin until each had about
     `warmup_ms` (at least one); their medians size the blocks so that the slowest fn's block
-    lasts `rep_ms / rounds`. A fn that raises gets a result carrying the exception and is
-    left out of the later rounds; the others go on.
+    lasts `rep_ms / rounds`, and each round's times size the next round's blocks. A fn that
+    raises gets a result carrying the exception and is left out of the later rounds; the
+    others go on.
     """
     if rounds < 1:
         raise ValueError(f"rounds: expected a positive int, got {rounds}")
@@ -136,14 +139,23 @@ def interleaved(
                 spent += seconds
         if spent * 1e3 >= warmup_ms * len(fns) or all(e is not None for e in errors):
             break
-    live = [statistics.median(s) for s, e in zip(samples, errors) if e is None and s]
-    calls = calls_per_block(live, rep_ms / 1e3 / rounds)
+    block_seconds = rep_ms / 1e3 / rounds
+    calls = calls_per_block([statistics.median(s) for s, e in zip(samples, errors) if e is None and s],
+                            block_seconds)  # fmt: skip
     blocks: list[list[float]] = [[] for _ in fns]
+    first_calls = calls
     for r in range(rounds):
+        this_round = []
         for i in block_order(len(fns), r):
             seconds = run(i, calls)
             if seconds is not None:
                 blocks[i].append(seconds)
+                this_round.append(seconds)
+        # Resized from the round just timed (still the same for every contender within a round):
+        # when a neighbour's load slows every call tenfold, the blocks stay about as long as
+        # planned instead of ten times longer.
+        calls = calls_per_block(this_round, block_seconds)
     return [
-        Interleaved([] if error is not None else block, calls, error) for block, error in zip(blocks, errors)
+        Interleaved([] if error is not None else block, first_calls, error)
+        for block, error in zip(blocks, errors)
     ]

@@ -252,7 +252,8 @@ def _method(config: BenchConfig, device: torch.device) -> str:
         timing = (
             "Times are interleaved medians: all contenders of one case and operation are timed in the "
             f"same stretch of time, as {config.rounds} rounds of one block per contender (the same "
-            "number of calls each, sized from a warm-up so that the slowest block lasts about "
+            "number of calls each, sized from a warm-up and then from the previous round so that "
+            "the slowest block lasts about "
             f"{config.rep_ms:g} ms ÷ {config.rounds}), in an order that rotates and reverses from round "
             "to round; a block is timed with the process's CPU time (time.process_time) with one "
             "thread, with wall time (time.perf_counter) with more; a contender's time is the median "

@@ -6,9 +6,14 @@ Suites:
 * ``layer``  — one `LinearAct` (x Wᵀ + b, then f): forward, backward, forward+backward;
 * ``mlp``    — one training step (forward, loss, backward, SGD step) of a depth-L MLP;
 * ``loss``   — linear layer + cross-entropy: manualbp's fused `linear_cross_entropy` and the
-  unfused linear-then-cross-entropy, against native;
-* ``memory`` — bytes the backward keeps (counted with `torch.autograd.graph.saved_tensors_hooks`)
-  and, on CUDA, peak memory of a forward+backward.
+  unfused linear-then-cross-entropy, against native and torch's own `F.linear_cross_entropy`;
+* ``memory`` — bytes the backward keeps (counted with `torch.autograd.graph.saved_tensors_hooks`),
+  bytes still allocated after the forward, and peak memory of a forward+backward (CUDA: the
+  caching allocator; CPU: the profiler's allocation events).
+
+On CPU the contenders of a case are timed together, interleaved (`manualbp.bench.interleave`);
+one command covers a grid (`--mlp-shapes`, `--mlp-cells`, `--depths`, `--threads 1 2`, ...) and
+the Markdown starts with a summary of the `× native` ratios (`manualbp.bench.summary`).
 
 Every contender's output and gradients are checked against native autograd (float64 where cheap)
 before it is timed; a wrong result is an ``error`` row, never a time. Each case also gets its

@@ -179,23 +179,40 @@ def delta_fresh(act: Activation) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda g, s: delta(act, g, s)
 
 
-LayerFn = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+LayerFn = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _gemm_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    # z = x Wᵀ + b written into `out` (a workspace view), the bias added by the GEMM.
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
 def layer_forward(act: Activation) -> LayerFn:
-    """`linear_forward` for one activation, bound once: (x, weight, bias) -> (a, saved)."""
+    """`linear_forward` for one activation, bound once: (x, weight, bias, out=None) -> (a, saved).
+
+    With `out` (rows × out_features, contiguous) z is written there instead of a fresh tensor."""
     inplace = _INPLACE.get(act.name)
     if act.name == "identity":
 
-        def identity(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        def identity(
+            x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
+        ) -> tuple[Tensor, Tensor]:
+            if out is None:
+                z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            else:
+                z = _gemm_into(x, w, b, out)
             return z, z
 
         return identity
     if inplace is not None:
 
-        def output_derivable(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        def output_derivable(
+            x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
+        ) -> tuple[Tensor, Tensor]:
+            if out is None:
+                z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            else:
+                z = _gemm_into(x, w, b, out)
             a = inplace(z, act)
             return a, a
 
@@ -203,8 +220,13 @@ def layer_forward(act: Activation) -> LayerFn:
     f = act.f
     slope = act.negative_slope
 
-    def from_z(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+    def from_z(
+        x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if out is None:
+            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        else:
+            z = _gemm_into(x, w, b, out)
         return f(z, slope), z
 
     return from_z

@@ -17,6 +17,12 @@ in force, and the input's type, dtype, device and width. Whatever fails runs the
 does not depend on is not checked: `requires_grad` (autograd's `needs_input_grad` picks the
 visited layers per call), grad mode, shapes past the first layer (the GEMMs check them).
 
+What it keeps differs from the general path in one way: a GELU-class hidden layer keeps
+a = f(z) next to z (native's memory; the general path keeps z alone and recomputes f(z) in
+backward, which on a CPU costs about as much as a small layer's GEMMs). Layer 0's kept tensor
+is written into the module's workspace buffer (taken in forward, given back by the sweep), so
+the buffer kept across steps stands in for an allocation at the step's peak.
+
 The node, :class:`FastMLPFunction`, is :class:`manualbp.ops.network.MLPFunction` with its CPU
 fast path only: one output, the kept intermediates on its context (reachable from it alone, so
 the sweep may drop and reuse them), x, the parameters and an output kept by the last layer as
@@ -38,7 +44,7 @@ from manualbp import backends
 from manualbp.backends import fast, reference
 from manualbp.ops._common import no_autocast
 from manualbp.ops.network import NetworkPlan, differentiable_backward, network_tangent
-from manualbp.ops.network_fast import Sweep, fast_sweep
+from manualbp.ops.network_fast import REUSE_BYTES, Sweep, fast_sweep
 
 __all__ = ["FastMLPFunction", "FastPlan", "plan_for"]
 
@@ -87,9 +93,18 @@ class FastPlan:
         self.n_in = self.entries[0][1].shape[1]
         self.n_out = self.entries[-1][1].shape[0]
         self.sweep = Sweep(acts, [b is not None for b in biases])
+        # Per layer: the bound forward step, where its parameters sit, and whether it keeps its
+        # a = f(z) next to z (GELU-class hidden layers: the layer above's weight gradient reads
+        # it, as native keeps it, instead of recomputing f(z) in backward).
         self.steps = tuple(
-            (fast.layer_forward(act), wi, bi) for act, (wi, bi) in zip(acts, self.sweep.index)
+            (fast.layer_forward(act), wi, bi, not act.uses_output and i < self.depth - 1)
+            for i, (act, (wi, bi)) in enumerate(zip(acts, self.sweep.index))
         )
+        # Layer 0's kept tensor (alive from the start of forward to the end of backward, over
+        # the step's peak) is written into the workspace buffer, when it is a hidden layer: the
+        # buffer then stands in for an allocation native makes, instead of sitting idle.
+        self.lends = workspace is not None and self.depth > 1
+        self.width0 = self.entries[0][1].shape[0]
         self.keeps_last = acts[-1].name != "identity"
         self.last_is_output = self.keeps_last and acts[-1].uses_output
         # The general node's plan: create_graph and forward-mode AD run its reference loops.
@@ -164,12 +179,25 @@ class FastMLPFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, plan: FastPlan, *params: Tensor) -> Tensor:
         a = x
         kept: list[Tensor | None] = []
-        for fn, wi, bi in plan.steps:
-            a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
+        inputs: list[Tensor | None] = []
+        lent = out = None
+        if plan.lends:
+            rows = x.shape[0]
+            n = rows * plan.width0
+            if n * x.element_size() >= REUSE_BYTES:
+                lent = plan.workspace.take(n, x)
+                out = lent[:n].view(rows, plan.width0)
+        for fn, wi, bi, keeps_a in plan.steps:
+            if out is None:
+                a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
+            else:
+                a, saved = fn(a, params[wi], None if bi < 0 else params[bi], out)
+                out = None
             kept.append(saved)
+            inputs.append(a if keeps_a else None)
         if not plan.keeps_last:
             kept[-1] = None
-        ctx.plan = plan
+        ctx.plan, ctx.lent = plan, lent
         if forward_ad._current_level >= 0:  # only inside a dual level can a tangent arrive
             ctx.save_for_forward(x, *params)
         if _saved_hooks(False) is None:
@@ -177,9 +205,9 @@ class FastMLPFunction(torch.autograd.Function):
             if plan.last_is_output:
                 top, kept[-1] = kept[-1], None
             ctx.save_for_backward(x, *params, top)
-            ctx.kept = kept
+            ctx.kept, ctx.inputs = kept, inputs
         else:  # saved-tensor hooks active: they must see every kept tensor
-            ctx.save_for_backward(x, *params, *kept)
+            ctx.save_for_backward(x, *params, *kept, *inputs)
             ctx.kept = None
         return a
 
@@ -192,23 +220,29 @@ class FastMLPFunction(torch.autograd.Function):
         kept = ctx.kept
         release = False
         if kept is None:
-            kept = list(saved[n + 1 :])
+            depth = plan.depth
+            kept, inputs = list(saved[n + 1 : n + 1 + depth]), list(saved[n + 1 + depth :])
         else:
+            inputs = ctx.inputs
             release = not _keep_graph()
-            if release:
-                ctx.kept = None  # the sweep holds the only references now, and drops them as it goes
+            if release:  # the sweep holds the only references now, and drops them as it goes
+                ctx.kept = ctx.inputs = None
             else:
-                kept = list(kept)
+                kept, inputs = list(kept), list(inputs)
             if plan.last_is_output:
                 kept[-1] = saved[-1]
+        lent = ctx.lent
+        if release:
+            ctx.lent = None
         if torch.is_grad_enabled():  # create_graph: the differentiable reference loop
             layers = plan.reference.split(params)
             return differentiable_backward(ctx.needs_input_grad, plan.reference, x, kept, layers, grad_out)
         needs = ctx.needs_input_grad
+        args = (plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace, inputs, lent)
         if torch.is_autocast_enabled("cpu"):
             with no_autocast("cpu"):
-                return fast_sweep(plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace)
-        return fast_sweep(plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace)
+                return fast_sweep(*args)
+        return fast_sweep(*args)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, _plan_t: None, *params_t: Tensor | None) -> Tensor:

@@ -68,6 +68,9 @@ _mish_bw = _aten.mish_backward.default
 _softplus_bw = _aten.softplus_backward.default
 _softplus_bw_out = _aten.softplus_backward.grad_input
 _SOFTPLUS_THRESHOLD = 20.0  # as activations._softplus_grad and F.softplus's default
+# z = x Wᵀ + b as nn.Linear computes it (addmm with the bias, mm without), the transpose taken
+# in C++: a Python-level `w.t()` is a tensor object more per layer and call.
+_linear = torch._C._nn.linear
 
 
 def fast_ok(x: Tensor) -> bool:
@@ -198,7 +201,7 @@ def layer_forward(act: Activation) -> LayerFn:
             x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
         ) -> tuple[Tensor, Tensor]:
             if out is None:
-                z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+                z = _linear(x, w, b)
             else:
                 z = _gemm_into(x, w, b, out)
             return z, z
@@ -210,7 +213,7 @@ def layer_forward(act: Activation) -> LayerFn:
             x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
         ) -> tuple[Tensor, Tensor]:
             if out is None:
-                z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+                z = _linear(x, w, b)
             else:
                 z = _gemm_into(x, w, b, out)
             a = inplace(z, act)
@@ -224,7 +227,7 @@ def layer_forward(act: Activation) -> LayerFn:
         x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         if out is None:
-            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+            z = _linear(x, w, b)
         else:
             z = _gemm_into(x, w, b, out)
         return f(z, slope), z
@@ -247,7 +250,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activati
 
     z is the GEMM's own fresh result, so output-derivable activations overwrite it in place.
     """
-    z = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    z = _linear(x, weight, bias)
     if act.name == "identity":
         return z, z
     inplace = _INPLACE.get(act.name)

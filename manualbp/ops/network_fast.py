@@ -33,8 +33,9 @@ from manualbp.backends import fast
 
 __all__ = ["Sweep", "fast_sweep", "sweep_for"]
 
-# One visited layer: (layer, index of W, index of b or -1, want ∇W, want ∇b, form δ below).
-_Visit = tuple[int, int, int, bool, bool, bool]
+# One visited layer: (layer, index of W, index of b or -1, want ∇W, want ∇b, form δ below,
+# its input is x or the layer below's kept tensor).
+_Visit = tuple[int, int, int, bool, bool, bool, bool]
 
 
 class Sweep:
@@ -66,9 +67,10 @@ class Sweep:
         else:
             lowest = next((i for i, (w, b) in enumerate(wants) if w or b), self.depth)
         visits = tuple(
-            (layer, *self.index[layer], *wants[layer], layer - 1 >= lowest)
+            (layer, *self.index[layer], *wants[layer], layer - 1 >= lowest,
+             layer == 0 or self.acts[layer - 1].uses_output)
             for layer in range(self.depth - 1, max(lowest, 0) - 1, -1)
-        )
+        )  # fmt: skip
         buffered = tuple(v[1] for v in visits if v[5] and v[0] > 0)
         self._visits[needs] = found = (visits, buffered)
         return found
@@ -125,10 +127,10 @@ def fast_sweep(
     if lent is not None and release:
         borrowed = lent  # given back below; its kept tensor is reachable from the sweep alone
         if buffered and rows:
-            numel = rows * max(params[i].shape[1] for i in buffered)
+            numel = rows * _widest(params, buffered)
             free = [] if numel * grad_out.element_size() >= REUSE_BYTES else None
     elif buffered and rows:
-        numel = rows * max(params[i].shape[1] for i in buffered)
+        numel = rows * _widest(params, buffered)
         if numel * grad_out.element_size() >= REUSE_BYTES:
             free = []
             if workspace is not None:
@@ -149,17 +151,20 @@ def fast_sweep(
         if release:
             kept[top] = None
         grad_x = None
-        for layer, wi, bi, need_weight, need_bias, need_prev in visits:
+        for layer, wi, bi, need_weight, need_bias, need_prev, input_kept in visits:
             if need_weight:
-                a_in = _layer_input(x, spec.acts, kept, inputs, layer)
-                grads[wi] = torch.mm(d.t(), a_in)
-                if release and layer > 0 and a_in is not kept[layer - 1]:
-                    # A kept or recomputed f(z): ours alone, so its storage may take a δ.
-                    if free is not None:
-                        _hold(free, a_in)
-                    if inputs is not None:
-                        inputs[layer - 1] = None
-                del a_in
+                if input_kept:  # x, or the a that layer below keeps for its own f′
+                    grads[wi] = torch.mm(d.t(), x if layer == 0 else kept[layer - 1])  # type: ignore[arg-type]
+                else:
+                    a_in = _layer_input(x, spec.acts, kept, inputs, layer)
+                    grads[wi] = torch.mm(d.t(), a_in)
+                    if release:
+                        # A kept or recomputed f(z): ours alone, so its storage may take a δ.
+                        if free is not None:
+                            _hold(free, a_in)
+                        if inputs is not None:
+                            inputs[layer - 1] = None
+                    del a_in
             if need_bias:
                 grads[bi] = d.sum(0)
             if not need_prev:
@@ -190,6 +195,15 @@ def fast_sweep(
             if borrowed is lent:
                 kept.clear()  # the views of it the sweep did not reach
             workspace.give(borrowed)
+
+
+def _widest(params: Sequence[Tensor], weights: Sequence[int]) -> int:
+    width = 0
+    for i in weights:
+        n = params[i].shape[1]
+        if n > width:
+            width = n
+    return width
 
 
 def _take(free: list[Tensor], numel: int, like: Tensor) -> Tensor:

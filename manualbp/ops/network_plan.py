@@ -103,6 +103,8 @@ class FastPlan:
         # Layer 0's kept tensor (alive from the start of forward to the end of backward, over
         # the step's peak) is written into the workspace buffer, when it is a hidden layer: the
         # buffer then stands in for an allocation native makes, instead of sitting idle.
+        self.first, self.rest = self.steps[0], self.steps[1:]
+        self.keeps_inputs = any(step[3] for step in self.steps)
         self.lends = workspace is not None and self.depth > 1
         self.width0 = self.entries[0][1].shape[0]
         self.keeps_last = acts[-1].name != "identity"
@@ -177,9 +179,6 @@ class FastMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, plan: FastPlan, *params: Tensor) -> Tensor:
-        a = x
-        kept: list[Tensor | None] = []
-        inputs: list[Tensor | None] = []
         lent = out = None
         if plan.lends:
             rows = x.shape[0]
@@ -187,17 +186,22 @@ class FastMLPFunction(torch.autograd.Function):
             if n * x.element_size() >= REUSE_BYTES:
                 lent = plan.workspace.take(n, x)
                 out = lent[:n].view(rows, plan.width0)
-        for fn, wi, bi, keeps_a in plan.steps:
-            if out is None:
+        fn, wi, bi, keeps_a = plan.first
+        a, saved = fn(x, params[wi], None if bi < 0 else params[bi], out)
+        kept: list[Tensor | None] = [saved]
+        inputs: list[Tensor | None] | None = None
+        if plan.keeps_inputs:
+            inputs = [a if keeps_a else None]
+            for fn, wi, bi, keeps_a in plan.rest:
                 a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
-            else:
-                a, saved = fn(a, params[wi], None if bi < 0 else params[bi], out)
-                out = None
-            kept.append(saved)
-            inputs.append(a if keeps_a else None)
+                kept.append(saved)
+                inputs.append(a if keeps_a else None)
+        else:
+            for fn, wi, bi, _ in plan.rest:
+                a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
+                kept.append(saved)
         if not plan.keeps_last:
             kept[-1] = None
-        ctx.plan, ctx.lent = plan, lent
         if forward_ad._current_level >= 0:  # only inside a dual level can a tangent arrive
             ctx.save_for_forward(x, *params)
         if _saved_hooks(False) is None:
@@ -205,49 +209,47 @@ class FastMLPFunction(torch.autograd.Function):
             if plan.last_is_output:
                 top, kept[-1] = kept[-1], None
             ctx.save_for_backward(x, *params, top)
-            ctx.kept, ctx.inputs = kept, inputs
+            ctx.state = (plan, kept, inputs, lent)
         else:  # saved-tensor hooks active: they must see every kept tensor
-            ctx.save_for_backward(x, *params, *kept, *inputs)
-            ctx.kept = None
+            ctx.save_for_backward(x, *params, *kept, *(inputs or ()))
+            ctx.state = (plan, None, None, lent)
         return a
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple:
-        plan: FastPlan = ctx.plan
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # first: it raises for a second backward of a freed graph
+        state = ctx.state
+        plan: FastPlan = state[0]
+        kept, inputs, lent = state[1], state[2], state[3]
         n = plan.sweep.n_params
         x, params = saved[0], saved[1 : n + 1]
-        kept = ctx.kept
         release = False
         if kept is None:
             depth = plan.depth
-            kept, inputs = list(saved[n + 1 : n + 1 + depth]), list(saved[n + 1 + depth :])
+            kept = list(saved[n + 1 : n + 1 + depth])
+            inputs = list(saved[n + 1 + depth :]) if plan.keeps_inputs else None
         else:
-            inputs = ctx.inputs
             release = not _keep_graph()
             if release:  # the sweep holds the only references now, and drops them as it goes
-                ctx.kept = ctx.inputs = None
+                ctx.state = (plan, None, None, None)
             else:
-                kept, inputs = list(kept), list(inputs)
+                kept = list(kept)
+                inputs = None if inputs is None else list(inputs)
             if plan.last_is_output:
                 kept[-1] = saved[-1]
-        lent = ctx.lent
-        if release:
-            ctx.lent = None
         if torch.is_grad_enabled():  # create_graph: the differentiable reference loop
             layers = plan.reference.split(params)
             return differentiable_backward(ctx.needs_input_grad, plan.reference, x, kept, layers, grad_out)
-        needs = ctx.needs_input_grad
-        args = (plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace, inputs, lent)
+        sweep, needs, workspace = plan.sweep, ctx.needs_input_grad, plan.workspace
         if torch.is_autocast_enabled("cpu"):
             with no_autocast("cpu"):
-                return fast_sweep(*args)
-        return fast_sweep(*args)
+                return fast_sweep(sweep, needs, x, kept, params, grad_out, release, workspace, inputs, lent)
+        return fast_sweep(sweep, needs, x, kept, params, grad_out, release, workspace, inputs, lent)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, _plan_t: None, *params_t: Tensor | None) -> Tensor:
         x, *params = ctx.saved_tensors
-        return network_tangent(ctx.plan.reference, x, params, x_t, params_t)
+        return network_tangent(ctx.state[0].reference, x, params, x_t, params_t)
 
 
 # What PositionalFunction.apply runs outside torch.func transforms (FastPlan.admits has ruled

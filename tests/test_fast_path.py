@@ -198,7 +198,13 @@ def test_workspace_lent_to_forward_stays_with_its_graph():
         m(x3).cos().sum().backward()
         loss.backward()
 
-    for step in (two_forwards, retained):
+    def hooked(m):  # saved-tensor hooks see every kept tensor; none is the workspace's
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = m(x1).square().sum()
+        m(x2).sin().sum().backward()
+        loss.backward()
+
+    for step in (two_forwards, retained, hooked):
         for a, b in zip(grads(model, step), grads(layers, step), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert model._workspace.nbytes == 128 * 256 * 8  # bounded: one buffer held

@@ -180,7 +180,8 @@ class FastMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, plan: FastPlan, *params: Tensor) -> Tensor:
         lent = out = None
-        if plan.lends:
+        hooked = _saved_hooks(False) is not None  # saved-tensor hooks: they must see every kept tensor
+        if plan.lends and not hooked:
             rows = x.shape[0]
             n = rows * plan.width0
             if n * x.element_size() >= REUSE_BYTES:
@@ -204,15 +205,15 @@ class FastMLPFunction(torch.autograd.Function):
             kept[-1] = None
         if forward_ad._current_level >= 0:  # only inside a dual level can a tangent arrive
             ctx.save_for_forward(x, *params)
-        if _saved_hooks(False) is None:
+        if not hooked:
             top = None
             if plan.last_is_output:
                 top, kept[-1] = kept[-1], None
             ctx.save_for_backward(x, *params, top)
             ctx.state = (plan, kept, inputs, lent)
-        else:  # saved-tensor hooks active: they must see every kept tensor
+        else:  # (no workspace buffer then: the hooks may hold on to what they packed)
             ctx.save_for_backward(x, *params, *kept, *(inputs or ()))
-            ctx.state = (plan, None, None, lent)
+            ctx.state = (plan, None, None, None)
         return a
 
     @staticmethod

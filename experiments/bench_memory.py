@@ -154,8 +154,10 @@ def write(rows: list[dict], head: list[dict], args: argparse.Namespace, device: 
         " memory above the start during forward + backward (profiler allocation events"
         + ("; CUDA: torch.cuda.max_memory_allocated" if cuda else "")
         + "), gradients included. MiB. Ratios are manualbp network mode ÷ native. *workspace* ="
-        " the δ buffer network mode keeps across steps (reused by the next step, released with"
-        " the module); *peak+ws ratio* adds it to network mode's peak.",
+        " the buffer network mode keeps across steps (released with the module): each step's"
+        " forward writes layer 0's kept tensor into it and backward reuses it for a δ, so it"
+        " stands in for an allocation of the step; *peak+ws ratio* adds it to network mode's"
+        " peak.",
         "",
         "| activation | depth | saved native | saved layers | saved network | saved recompute"
         " | saved ratio | peak native | peak network | peak recompute | peak ratio | workspace"

@@ -189,6 +189,16 @@ class MLP(nn.Module):
     float32/float16/bfloat16 — elsewhere a clear error that names the limit.
     recompute=True (network and fused modes) keeps just the block input and reruns the forward
     in backward, trading one forward pass for the activations' memory.
+
+    Memory against speed, network mode: on the CPU fast path (float32/float64/bfloat16, the
+    module's cached plan) a GELU-class hidden layer (gelu, gelu_tanh, silu, mish, softplus) keeps
+    both z (for f′) and a = f(z) (the next layer's weight-gradient input) — what native autograd
+    keeps, so backward makes no recompute; output-derivable layers keep a alone (half native's
+    for leaky_relu). The general path (`manualbp.functional.mlp`, Triton, float16) keeps z alone
+    and recomputes a = f(z) in backward: half native's memory for GELU-class, one elementwise
+    pass more. recompute=True is the memory-lean choice for the module: nothing kept but the
+    block input. Layer 0's kept tensor is written into the module's reusable workspace buffer
+    (at 256 KiB and more), so the buffer held across steps replaces an allocation of the step.
     """
 
     MODES = ("network", "layers", "fused")
@@ -228,7 +238,7 @@ class MLP(nn.Module):
         self.mode, self.recompute = mode, recompute
         # Network mode's reusable δ buffers (CPU fast path): bounded, never handed out, dropped
         # with the module; copies and pickles of the module start with an empty one.
-        self._workspace = Workspace()
+        self._workspace = Workspace(max_buffers=1)
         self.sizes = [int(s) for s in sizes]
         hidden = get_activation(activation, negative_slope=negative_slope)
         last = get_activation(output_activation)

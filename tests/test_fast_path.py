@@ -135,9 +135,10 @@ def test_workspace_bounded():
     assert ws.take(6, like).numel() == 7
 
 
-def test_threads_share_a_module():
-    model = mbp.MLP([6, 16, 16, 3], "relu", dtype=torch.float64)
-    xs = [torch.randn(12, 6, dtype=torch.float64) for _ in range(4)]
+@pytest.mark.parametrize("width, rows", [(16, 12), (256, 128)])  # the second: workspace in use
+def test_threads_share_a_module(width, rows):
+    model = mbp.MLP([6, width, width, 3], "relu", dtype=torch.float64)
+    xs = [torch.randn(rows, 6, dtype=torch.float64) for _ in range(4)]
 
     def grads_of(x):
         params = list(model.parameters())
@@ -171,6 +172,42 @@ def test_retain_graph_keeps_the_kept_tensors():
         torch.testing.assert_close(p.grad, 2 * a)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.backward()
+
+
+def test_workspace_lent_to_forward_stays_with_its_graph():
+    """Layer 0's kept tensor lives in the workspace buffer (256 KiB here): a second forward
+    before the backward, or a retained graph while other steps run, must not share it."""
+    model = mbp.MLP([6, 256, 256, 3], "gelu", dtype=torch.float64)
+    layers = mbp.MLP([6, 256, 256, 3], "gelu", dtype=torch.float64, mode="layers")
+    layers.load_state_dict(model.state_dict())
+    x1, x2, x3 = (torch.randn(128, 6, dtype=torch.float64) for _ in range(3))
+
+    def grads(m, *steps):
+        m.zero_grad(set_to_none=True)
+        for step in steps:
+            step(m)
+        return [p.grad.clone() for p in m.parameters()]
+
+    def two_forwards(m):
+        (m(x1).square().sum() + m(x2).sin().sum()).backward()
+
+    def retained(m):
+        loss = m(x1).square().sum()
+        loss.backward(retain_graph=True)
+        m(x2).sin().sum().backward()  # takes and gives back the workspace's buffer
+        m(x3).cos().sum().backward()
+        loss.backward()
+
+    def hooked(m):  # saved-tensor hooks see every kept tensor; none is the workspace's
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = m(x1).square().sum()
+        m(x2).sin().sum().backward()
+        loss.backward()
+
+    for step in (two_forwards, retained, hooked):
+        for a, b in zip(grads(model, step), grads(layers, step), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert model._workspace.nbytes == 128 * 256 * 8  # bounded: one buffer held
 
 
 def test_in_place_change_of_the_output_is_caught():

@@ -68,6 +68,9 @@ _mish_bw = _aten.mish_backward.default
 _softplus_bw = _aten.softplus_backward.default
 _softplus_bw_out = _aten.softplus_backward.grad_input
 _SOFTPLUS_THRESHOLD = 20.0  # as activations._softplus_grad and F.softplus's default
+# z = x Wᵀ + b as nn.Linear computes it (addmm with the bias, mm without), the transpose taken
+# in C++: a Python-level `w.t()` is a tensor object more per layer and call.
+_linear = torch._C._nn.linear
 
 
 def fast_ok(x: Tensor) -> bool:
@@ -179,23 +182,40 @@ def delta_fresh(act: Activation) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda g, s: delta(act, g, s)
 
 
-LayerFn = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+LayerFn = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _gemm_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    # z = x Wᵀ + b written into `out` (a workspace view), the bias added by the GEMM.
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
 def layer_forward(act: Activation) -> LayerFn:
-    """`linear_forward` for one activation, bound once: (x, weight, bias) -> (a, saved)."""
+    """`linear_forward` for one activation, bound once: (x, weight, bias, out=None) -> (a, saved).
+
+    With `out` (rows × out_features, contiguous) z is written there instead of a fresh tensor."""
     inplace = _INPLACE.get(act.name)
     if act.name == "identity":
 
-        def identity(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        def identity(
+            x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
+        ) -> tuple[Tensor, Tensor]:
+            if out is None:
+                z = _linear(x, w, b)
+            else:
+                z = _gemm_into(x, w, b, out)
             return z, z
 
         return identity
     if inplace is not None:
 
-        def output_derivable(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-            z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        def output_derivable(
+            x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
+        ) -> tuple[Tensor, Tensor]:
+            if out is None:
+                z = _linear(x, w, b)
+            else:
+                z = _gemm_into(x, w, b, out)
             a = inplace(z, act)
             return a, a
 
@@ -203,8 +223,13 @@ def layer_forward(act: Activation) -> LayerFn:
     f = act.f
     slope = act.negative_slope
 
-    def from_z(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        z = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+    def from_z(
+        x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if out is None:
+            z = _linear(x, w, b)
+        else:
+            z = _gemm_into(x, w, b, out)
         return f(z, slope), z
 
     return from_z
@@ -225,7 +250,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activati
 
     z is the GEMM's own fresh result, so output-derivable activations overwrite it in place.
     """
-    z = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    z = _linear(x, weight, bias)
     if act.name == "identity":
         return z, z
     inplace = _INPLACE.get(act.name)

@@ -54,6 +54,10 @@ def fast_linear(x: Any, weight: Tensor, bias: Tensor | None, act: Activation) ->
     return out if len(shape) == 2 else out.view(*shape[:-1], weight.shape[0])
 
 
+# What identity keeps: an empty stand-in (as LinearActFunction), shared, so a Linear call
+# allocates no tensor for it; it is never written to.
+_NOTHING = torch.empty(0)
+
 _Bound = tuple[Callable[..., tuple[Tensor, Tensor]], Callable[[Tensor, Tensor], Tensor] | None]
 # id(entry) -> (entry, its bound kernels); the entry is held, so its id is never reused.
 _BOUND: dict[int, tuple[Activation, _Bound]] = {}
@@ -80,7 +84,7 @@ class FastLinearActFunction(torch.autograd.Function):
         x_rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out, saved = bound[0](x_rows, weight, bias)
         # As LinearActFunction: identity keeps nothing (an empty stand-in), the others a or z.
-        kept = saved if act.name != "identity" else out.new_empty(0)
+        kept = saved if act.name != "identity" else _NOTHING
         ctx.save_for_backward(x, weight, bias, kept)
         if forward_ad._current_level >= 0:  # only inside a dual level can a tangent arrive
             ctx.save_for_forward(x, weight, bias, kept)

@@ -18,7 +18,9 @@ layer's input, so its weight gradient costs nothing more) and `z` for GELU-class
 is recomputed as f(z) when the next layer's weight gradient needs it. The last layer with an
 identity activation keeps nothing at all. Native autograd keeps both z and a for GELU-class
 layers, so this is half its activation memory. With `recompute=True` only the block input is kept
-and backward reruns the forward first (activation checkpointing of the whole block).
+and backward reruns the forward first (activation checkpointing of the whole block). The `MLP`
+module's cached CPU plan (:mod:`manualbp.ops.network_plan`) trades the other way: it keeps a next
+to z for GELU-class hidden layers (native's memory, no recompute in backward).
 
 Peak memory: on the CPU fast path (:mod:`manualbp.ops.network_fast`, float32/float64/bfloat16,
 first order, graph not retained) each layer's kept tensor is dropped as soon as the sweep has used it,

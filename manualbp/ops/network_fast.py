@@ -33,8 +33,9 @@ from manualbp.backends import fast
 
 __all__ = ["Sweep", "fast_sweep", "sweep_for"]
 
-# One visited layer: (layer, index of W, index of b or -1, want ∇W, want ∇b, form δ below).
-_Visit = tuple[int, int, int, bool, bool, bool]
+# One visited layer: (layer, index of W, index of b or -1, want ∇W, want ∇b, form δ below,
+# its input is x or the layer below's kept tensor).
+_Visit = tuple[int, int, int, bool, bool, bool, bool]
 
 
 class Sweep:
@@ -66,9 +67,10 @@ class Sweep:
         else:
             lowest = next((i for i, (w, b) in enumerate(wants) if w or b), self.depth)
         visits = tuple(
-            (layer, *self.index[layer], *wants[layer], layer - 1 >= lowest)
+            (layer, *self.index[layer], *wants[layer], layer - 1 >= lowest,
+             layer == 0 or self.acts[layer - 1].uses_output)
             for layer in range(self.depth - 1, max(lowest, 0) - 1, -1)
-        )
+        )  # fmt: skip
         buffered = tuple(v[1] for v in visits if v[5] and v[0] > 0)
         self._visits[needs] = found = (visits, buffered)
         return found
@@ -95,23 +97,40 @@ def fast_sweep(
     grad_out: Tensor,
     release: bool,
     workspace: Any,
+    inputs: list[Tensor | None] | None = None,
+    lent: Tensor | None = None,
 ) -> tuple:
     """(grad_x, None, *parameter grads) of the stack, as autograd wants them from the node.
 
     `kept` is the per-layer list of kept tensors, the sweep's own when `release` (it drops its
     entries as it goes and may overwrite their storage: they are reachable from it alone then).
-    Kept tensors are the forward's fresh, contiguous GEMM/activation results, so their flat views
-    are whole storages.
+    Kept tensors are the forward's fresh, contiguous GEMM/activation results (or a view of `lent`),
+    so their flat views are whole storages.
+
+    `inputs`, when given, holds per layer the a = f(z) the forward kept next to z (GELU-class
+    hidden layers; None elsewhere): the layer above's weight gradient reads it instead of
+    recomputing f(z), and with `release` it is dropped (and its storage reused) once read.
+    `lent` is the workspace buffer the forward wrote a kept tensor into: with `release` the sweep
+    gives it back to `workspace` when it returns (it then takes none of its own); without, the
+    graph still holds it, and it is left to the graph.
     """
     visits, buffered = spec.visits(needs)
     grads: list[Tensor | None] = [None] * spec.n_params
     if not visits:
+        if lent is not None and release:
+            kept.clear()
+            workspace.give(lent)
         return (None, None, *grads)
     rows = grad_out.shape[0]
     free: list[Tensor] | None = None  # flat buffers this sweep may overwrite (at most two held)
     borrowed = None
-    if buffered and rows:
-        numel = rows * max(params[i].shape[1] for i in buffered)
+    if lent is not None and release:
+        borrowed = lent  # given back below; its kept tensor is reachable from the sweep alone
+        if buffered and rows:
+            numel = rows * _widest(params, buffered)
+            free = [] if numel * grad_out.element_size() >= REUSE_BYTES else None
+    elif buffered and rows:
+        numel = rows * _widest(params, buffered)
         if numel * grad_out.element_size() >= REUSE_BYTES:
             free = []
             if workspace is not None:
@@ -132,13 +151,20 @@ def fast_sweep(
         if release:
             kept[top] = None
         grad_x = None
-        for layer, wi, bi, need_weight, need_bias, need_prev in visits:
+        for layer, wi, bi, need_weight, need_bias, need_prev, input_kept in visits:
             if need_weight:
-                a_in = _layer_input(x, spec.acts, kept, layer)
-                grads[wi] = torch.mm(d.t(), a_in)
-                if free is not None and release and layer > 0 and a_in is not kept[layer - 1]:
-                    _hold(free, a_in)  # a recomputed f(z): a temporary of ours
-                del a_in
+                if input_kept:  # x, or the a that layer below keeps for its own f′
+                    grads[wi] = torch.mm(d.t(), x if layer == 0 else kept[layer - 1])  # type: ignore[arg-type]
+                else:
+                    a_in = _layer_input(x, spec.acts, kept, inputs, layer)
+                    grads[wi] = torch.mm(d.t(), a_in)
+                    if release:
+                        # A kept or recomputed f(z): ours alone, so its storage may take a δ.
+                        if free is not None:
+                            _hold(free, a_in)
+                        if inputs is not None:
+                            inputs[layer - 1] = None
+                    del a_in
             if need_bias:
                 grads[bi] = d.sum(0)
             if not need_prev:
@@ -166,7 +192,18 @@ def fast_sweep(
         return (grad_x, None, *grads)
     finally:
         if borrowed is not None:
+            if borrowed is lent:
+                kept.clear()  # the views of it the sweep did not reach
             workspace.give(borrowed)
+
+
+def _widest(params: Sequence[Tensor], weights: Sequence[int]) -> int:
+    width = 0
+    for i in weights:
+        n = params[i].shape[1]
+        if n > width:
+            width = n
+    return width
 
 
 def _take(free: list[Tensor], numel: int, like: Tensor) -> Tensor:
@@ -182,11 +219,18 @@ def _hold(free: list[Tensor], t: Tensor | None) -> None:
         free.append(t.view(-1))
 
 
-def _layer_input(x: Tensor, acts: Sequence[Activation], kept: list[Tensor | None], layer: int) -> Tensor:
-    """aˡ⁻¹: x, the kept a, or f(z) recomputed from the kept z (the same kernel on the same z as
-    forward, so the same values, bfloat16 included)."""
+def _layer_input(
+    x: Tensor, acts: Sequence[Activation], kept: list[Tensor | None],
+    inputs: list[Tensor | None] | None, layer: int,
+) -> Tensor:  # fmt: skip
+    """aˡ⁻¹: x, the kept a (in `kept`, or next to z in `inputs`), or f(z) recomputed from the kept
+    z (the same kernel on the same z as forward, so the same values, bfloat16 included)."""
     if layer == 0:
         return x
+    if inputs is not None:
+        kept_a = inputs[layer - 1]
+        if kept_a is not None:
+            return kept_a
     prev = kept[layer - 1]
     assert prev is not None
     return prev if acts[layer - 1].uses_output else acts[layer - 1](prev)

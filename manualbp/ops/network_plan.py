@@ -17,6 +17,12 @@ in force, and the input's type, dtype, device and width. Whatever fails runs the
 does not depend on is not checked: `requires_grad` (autograd's `needs_input_grad` picks the
 visited layers per call), grad mode, shapes past the first layer (the GEMMs check them).
 
+What it keeps differs from the general path in one way: a GELU-class hidden layer keeps
+a = f(z) next to z (native's memory; the general path keeps z alone and recomputes f(z) in
+backward, which on a CPU costs about as much as a small layer's GEMMs). Layer 0's kept tensor
+is written into the module's workspace buffer (taken in forward, given back by the sweep), so
+the buffer kept across steps stands in for an allocation at the step's peak.
+
 The node, :class:`FastMLPFunction`, is :class:`manualbp.ops.network.MLPFunction` with its CPU
 fast path only: one output, the kept intermediates on its context (reachable from it alone, so
 the sweep may drop and reuse them), x, the parameters and an output kept by the last layer as
@@ -38,7 +44,7 @@ from manualbp import backends
 from manualbp.backends import fast, reference
 from manualbp.ops._common import no_autocast
 from manualbp.ops.network import NetworkPlan, differentiable_backward, network_tangent
-from manualbp.ops.network_fast import Sweep, fast_sweep
+from manualbp.ops.network_fast import REUSE_BYTES, Sweep, fast_sweep
 
 __all__ = ["FastMLPFunction", "FastPlan", "plan_for"]
 
@@ -87,9 +93,20 @@ class FastPlan:
         self.n_in = self.entries[0][1].shape[1]
         self.n_out = self.entries[-1][1].shape[0]
         self.sweep = Sweep(acts, [b is not None for b in biases])
+        # Per layer: the bound forward step, where its parameters sit, and whether it keeps its
+        # a = f(z) next to z (GELU-class hidden layers: the layer above's weight gradient reads
+        # it, as native keeps it, instead of recomputing f(z) in backward).
         self.steps = tuple(
-            (fast.layer_forward(act), wi, bi) for act, (wi, bi) in zip(acts, self.sweep.index)
+            (fast.layer_forward(act), wi, bi, not act.uses_output and i < self.depth - 1)
+            for i, (act, (wi, bi)) in enumerate(zip(acts, self.sweep.index))
         )
+        # Layer 0's kept tensor (alive from the start of forward to the end of backward, over
+        # the step's peak) is written into the workspace buffer, when it is a hidden layer: the
+        # buffer then stands in for an allocation native makes, instead of sitting idle.
+        self.first, self.rest = self.steps[0], self.steps[1:]
+        self.keeps_inputs = any(step[3] for step in self.steps)
+        self.lends = workspace is not None and self.depth > 1
+        self.width0 = self.entries[0][1].shape[0]
         self.keeps_last = acts[-1].name != "identity"
         self.last_is_output = self.keeps_last and acts[-1].uses_output
         # The general node's plan: create_graph and forward-mode AD run its reference loops.
@@ -162,58 +179,78 @@ class FastMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, plan: FastPlan, *params: Tensor) -> Tensor:
-        a = x
-        kept: list[Tensor | None] = []
-        for fn, wi, bi in plan.steps:
-            a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
-            kept.append(saved)
+        lent = out = None
+        hooked = _saved_hooks(False) is not None  # saved-tensor hooks: they must see every kept tensor
+        if plan.lends and not hooked:
+            rows = x.shape[0]
+            n = rows * plan.width0
+            if n * x.element_size() >= REUSE_BYTES:
+                lent = plan.workspace.take(n, x)
+                out = lent[:n].view(rows, plan.width0)
+        fn, wi, bi, keeps_a = plan.first
+        a, saved = fn(x, params[wi], None if bi < 0 else params[bi], out)
+        kept: list[Tensor | None] = [saved]
+        inputs: list[Tensor | None] | None = None
+        if plan.keeps_inputs:
+            inputs = [a if keeps_a else None]
+            for fn, wi, bi, keeps_a in plan.rest:
+                a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
+                kept.append(saved)
+                inputs.append(a if keeps_a else None)
+        else:
+            for fn, wi, bi, _ in plan.rest:
+                a, saved = fn(a, params[wi], None if bi < 0 else params[bi])
+                kept.append(saved)
         if not plan.keeps_last:
             kept[-1] = None
-        ctx.plan = plan
         if forward_ad._current_level >= 0:  # only inside a dual level can a tangent arrive
             ctx.save_for_forward(x, *params)
-        if _saved_hooks(False) is None:
+        if not hooked:
             top = None
             if plan.last_is_output:
                 top, kept[-1] = kept[-1], None
             ctx.save_for_backward(x, *params, top)
-            ctx.kept = kept
-        else:  # saved-tensor hooks active: they must see every kept tensor
-            ctx.save_for_backward(x, *params, *kept)
-            ctx.kept = None
+            ctx.state = (plan, kept, inputs, lent)
+        else:  # (no workspace buffer then: the hooks may hold on to what they packed)
+            ctx.save_for_backward(x, *params, *kept, *(inputs or ()))
+            ctx.state = (plan, None, None, None)
         return a
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple:
-        plan: FastPlan = ctx.plan
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # first: it raises for a second backward of a freed graph
+        state = ctx.state
+        plan: FastPlan = state[0]
+        kept, inputs, lent = state[1], state[2], state[3]
         n = plan.sweep.n_params
         x, params = saved[0], saved[1 : n + 1]
-        kept = ctx.kept
         release = False
         if kept is None:
-            kept = list(saved[n + 1 :])
+            depth = plan.depth
+            kept = list(saved[n + 1 : n + 1 + depth])
+            inputs = list(saved[n + 1 + depth :]) if plan.keeps_inputs else None
         else:
             release = not _keep_graph()
-            if release:
-                ctx.kept = None  # the sweep holds the only references now, and drops them as it goes
+            if release:  # the sweep holds the only references now, and drops them as it goes
+                ctx.state = (plan, None, None, None)
             else:
                 kept = list(kept)
+                inputs = None if inputs is None else list(inputs)
             if plan.last_is_output:
                 kept[-1] = saved[-1]
         if torch.is_grad_enabled():  # create_graph: the differentiable reference loop
             layers = plan.reference.split(params)
             return differentiable_backward(ctx.needs_input_grad, plan.reference, x, kept, layers, grad_out)
-        needs = ctx.needs_input_grad
+        sweep, needs, workspace = plan.sweep, ctx.needs_input_grad, plan.workspace
         if torch.is_autocast_enabled("cpu"):
             with no_autocast("cpu"):
-                return fast_sweep(plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace)
-        return fast_sweep(plan.sweep, needs, x, kept, params, grad_out, release, plan.workspace)
+                return fast_sweep(sweep, needs, x, kept, params, grad_out, release, workspace, inputs, lent)
+        return fast_sweep(sweep, needs, x, kept, params, grad_out, release, workspace, inputs, lent)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, _plan_t: None, *params_t: Tensor | None) -> Tensor:
         x, *params = ctx.saved_tensors
-        return network_tangent(ctx.plan.reference, x, params, x_t, params_t)
+        return network_tangent(ctx.state[0].reference, x, params, x_t, params_t)
 
 
 # What PositionalFunction.apply runs outside torch.func transforms (FastPlan.admits has ruled

@@ -5,7 +5,8 @@ pair), more than the per-call overheads this compares. Instruction counts do not
 under valgrind's callgrind, each contender's steps lie between two calls of `functools.reduce`
 on an empty sequence (marks), and `--dump-before=functools_reduce` writes the count since the
 previous mark to a file of its own. Instructions are not time — page faults, cache misses and
-the GEMMs' instruction mix count differently — so this complements `bench_cpu_ab.py`, for the
+the GEMMs' instruction mix count differently — so this complements the interleaved CPU timing of
+`python -m manualbp.bench --device cpu`, for the
 fixed per-call cost (small cells), where the two differ least.
 
     valgrind --tool=callgrind --dump-before=functools_reduce \\

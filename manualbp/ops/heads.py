@@ -109,7 +109,7 @@ from manualbp.ops.chunked import (
     run_chunks,
     save_head,
     save_op_head,
-    scaled_all,
+    scaled_or_same,
     split_saved,
     traced_backend,
 )
@@ -237,7 +237,7 @@ class LinearCrossEntropyFunction(PositionalFunction):
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:
         grads, inputs = split_saved(ctx)
         if ctx.reduction != "none":
-            grad_x, grad_weight, grad_bias = scaled_all(grads, ctx.needs, grad_loss)
+            grad_x, grad_weight, grad_bias = scaled_or_same(grads, ctx.needs, grad_loss)
         else:
             x, weight, bias, target = inputs
             g = grad_loss.to(compute_dtype(x.dtype))

@@ -46,18 +46,19 @@ from experiments.bench_memory import peak_bytes
 CONTENDERS = ("manualbp", "torch", "torch_chunked", "unfused")
 
 # The sampled grid: the corners of rows 512-8192 × hidden 256-1024 × classes 4k-32k that fit the
-# time budget (a step of 8192 × 1024 × 32000 in float32 is ~25 s on one core here), plus bf16 and
+# time budget (a step of 8192 × 1024 × 32000 in float32 is ~25 s on one core here, and
+# every cell runs 4 contenders × (7 rounds + 2 untimed steps)), plus bf16 and
 # two-thread cells. M x K x C : dtype : threads.
 DEFAULT_CELLS = (
     "512x256x4096:float32:1",
     "2048x512x8192:float32:1",
     "8192x256x4096:float32:1",
     "512x1024x32000:float32:1",
-    "4096x256x32000:float32:1",
+    "2048x256x32000:float32:1",
     "2048x512x8192:bfloat16:1",
-    "8192x256x32000:bfloat16:1",
+    "2048x256x32000:bfloat16:1",
     "2048x512x8192:float32:2",
-    "4096x1024x16384:float32:2",
+    "1024x1024x16384:float32:2",
 )
 
 
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     lines = [HEAD, "|" + " --- |" * 11]
     print(HEAD, flush=True)
-    absolute = []
+    absolute: list[str] = []
+    command = "python experiments/bench_heads_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for spec in args.cells:
         result = cell(spec, args.rounds, args.block_ms / 1e3)
         lines.append(_row(spec, result))
@@ -158,21 +160,24 @@ def main(argv: list[str] | None = None) -> None:
             f"{name} {t * 1e3:.1f} ms / {p / 2**20:.1f} MiB" for name, (t, p) in result.items()
         ))  # fmt: skip
         print(lines[-1], flush=True)
-    if args.out is not None:
-        command = "python experiments/bench_heads_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        text = [
-            "# Fused linear + cross-entropy head on CPU: manualbp against torch\n",
-            f"- command: `{command}`",
-            f"- date: {when}; torch {torch.__version__}; {args.rounds} interleaved rounds, medians",
-            "- a step: loss = head(x, W, b, t) (mean); loss.backward(); x, W, b require grad",
-            "- ratios: contender ÷ manualbp (time > 1: manualbp faster; peak > 1: manualbp "
-            "needs less); peak = bytes in use during one step above the start (profiler events)",
-            "- sampled grid (not the full rows 512-8192 × hidden 256-1024 × classes 4k-32k "
-            "product: its largest float32 cells take ~25 s a step on one core here)",
-            "", *lines, "", "Absolute values:", "", *absolute, "",
-        ]  # fmt: skip
-        args.out.write_text("\n".join(text))
+        if args.out is not None:  # after every cell: a cut-short run keeps what it measured
+            _write(args.out, command, args.rounds, lines, absolute)
+
+
+def _write(out: Path, command: str, rounds: int, lines: list[str], absolute: list[str]) -> None:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = [
+        "# Fused linear + cross-entropy head on CPU: manualbp against torch\n",
+        f"- command: `{command}`",
+        f"- date: {when}; torch {torch.__version__}; {rounds} interleaved rounds, medians",
+        "- a step: loss = head(x, W, b, t) (mean); loss.backward(); x, W, b require grad",
+        "- ratios: contender ÷ manualbp (time > 1: manualbp faster; peak > 1: manualbp "
+        "needs less); peak = bytes in use during one step above the start (profiler events)",
+        "- sampled grid (not the full rows 512-8192 × hidden 256-1024 × classes 4k-32k "
+        "product: its largest float32 cells take ~25 s a step on one core here)",
+        "", *lines, "", "Absolute values:", "", *absolute, "",
+    ]  # fmt: skip
+    out.write_text("\n".join(text))
 
 
 if __name__ == "__main__":

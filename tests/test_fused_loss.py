@@ -115,10 +115,9 @@ def test_default_chunk_size():
     assert default_chunk_size(1024, 64, 2048) == 32  # logits chunk ≈ the size of x
     assert default_chunk_size(1000, 100, 350) == 256  # next power of two ≥ 1000 / 4
     assert default_chunk_size(3, 1, 10**6) == 1
-    # CPU: K rows within CPU_CHUNK_ROWS, never more than the next power of two ≥ the rows.
+    # CPU: CPU_CHUNK_ROWS rows, never more than the next power of two ≥ the rows.
     assert default_chunk_size(1024, 256, 4000, cpu=True) == 256
-    assert default_chunk_size(8192, 1024, 32768, cpu=True) == 512
-    assert default_chunk_size(8192, 300, 32768, cpu=True) == 256
+    assert default_chunk_size(8192, 1024, 32768, cpu=True) == 256
     assert default_chunk_size(8192, 64, 2048, cpu=True) == 256
     assert default_chunk_size(100, 64, 2048, cpu=True) == 128
     assert default_chunk_size(3, 1, 10**6, cpu=True) == 4

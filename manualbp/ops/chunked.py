@@ -321,35 +321,29 @@ def op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tup
 # ------------------------------------------------------------------------------ arguments
 
 
-#: On CPU (the in-place loop of `manualbp.ops.chunked_inplace`) a chunk has as many rows as the
-#: hidden size K, kept within these bounds. Below 256 rows the weight-gradient GEMM, whose inner
-#: dimension is the chunk's rows, adds into the (C × K) accumulator too often for its few FLOPs
-#: (128 rows: 2-6 % slower, 64 rows: slower than unfused); up to K rows the chunk's logits are
-#: no larger than the weight gradient, so the step's peak stays under torch's chunked
-#: `F.linear_cross_entropy` (which holds about two weight gradients); beyond 512 rows nothing
-#: measurable is gained (experiments/results/heads_cpu.md).
-CPU_CHUNK_ROWS = (256, 512)
+#: On CPU (the in-place loop of `manualbp.ops.chunked_inplace`) a chunk has this many rows (or
+#: the whole batch, when smaller). Fewer rows make the weight-gradient GEMM, whose inner dimension
+#: is the chunk's rows, add into the (C × K) accumulator too often for its FLOPs (128 rows: 2-6 %
+#: slower; 64 rows: slower than unfused); more rows gain nothing measurable (512: within noise
+#: at K = 256-1024) but grow the chunk's logits, which at 256 rows are no larger than the weight
+#: gradient for K ≥ 256 — what keeps the step's peak under torch's F.linear_cross_entropy, plain
+#: and chunked (experiments/results/heads_cpu.md).
+CPU_CHUNK_ROWS = 256
 
 
 def _pow2_at_least(n: int) -> int:
     return max(1, 1 << max(0, n - 1).bit_length())
 
 
-def _pow2_at_most(n: int) -> int:
-    return 1 << max(0, n.bit_length() - 1)
-
-
 def default_chunk_size(rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
     """Rows per chunk: on GPU so that a chunk's (rows × classes) logits are about the size of x,
-    on CPU (`cpu=True`) K rows within :data:`CPU_CHUNK_ROWS`; never more than a power of two
-    ≥ `rows` (one chunk for a small batch).
+    on CPU (`cpu=True`) :data:`CPU_CHUNK_ROWS`, or the next power of two ≥ `rows` when smaller.
 
     GPU, Liger-Kernel's rule: chunk = next power of two ≥ M / ⌈C / K⌉. For a head with C ≤ K the
     whole batch is one chunk; for C = 32·K it is M/32 rows.
     """
     if cpu:
-        low, high = CPU_CHUNK_ROWS
-        return min(max(_pow2_at_most(max(in_features, 1)), low), high, _pow2_at_least(rows))
+        return min(CPU_CHUNK_ROWS, _pow2_at_least(rows))
     factor = max(1, math.ceil(classes / max(in_features, 1)))
     return _pow2_at_least(math.ceil(rows / factor))
 

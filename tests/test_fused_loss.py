@@ -115,9 +115,10 @@ def test_default_chunk_size():
     assert default_chunk_size(1024, 64, 2048) == 32  # logits chunk ≈ the size of x
     assert default_chunk_size(1000, 100, 350) == 256  # next power of two ≥ 1000 / 4
     assert default_chunk_size(3, 1, 10**6) == 1
-    # CPU: CPU_CHUNK_ROWS rows, never more than the next power of two ≥ the rows.
+    # CPU: CPU_CHUNK_ROWS rows per thread, never more than the next power of two ≥ the rows.
     assert default_chunk_size(1024, 256, 4000, cpu=True) == 256
     assert default_chunk_size(8192, 1024, 32768, cpu=True) == 256
+    assert default_chunk_size(8192, 1024, 32768, cpu=True, threads=2) == 512
     assert default_chunk_size(8192, 64, 2048, cpu=True) == 256
     assert default_chunk_size(100, 64, 2048, cpu=True) == 128
     assert default_chunk_size(3, 1, 10**6, cpu=True) == 4

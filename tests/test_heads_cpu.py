@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import manualbp.ops.chunked as chunked
 from experiments.bench_memory import peak_bytes
 from manualbp.ops.ce_rows import CEOptions, rows_reference
 from manualbp.ops.chunked import CPU_CHUNK_ROWS, ReferenceGemms, default_chunk_size, run_chunks
@@ -37,17 +38,42 @@ def _native(x, w, b, t, **kw):
 # ------------------------------------------------------------------------------ chunk size
 
 
-def test_cpu_chunk_size_is_bounded_and_deterministic():
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_cpu_chunk_size_is_bounded_and_deterministic(threads):
     for rows in (1, 3, 200, 256, 257, 4096, 8192):
         for k in (1, 64, 256, 300, 1024, 4096):
             for c in (10, 4000, 32000, 256000):
-                chunk = default_chunk_size(rows, k, c, cpu=True)
-                assert chunk == default_chunk_size(rows, k, c, cpu=True)
+                chunk = default_chunk_size(rows, k, c, cpu=True, threads=threads)
+                assert chunk == default_chunk_size(rows, k, c, cpu=True, threads=threads)
                 assert chunk & (chunk - 1) == 0, chunk  # a power of two
-                # Never below the bound unless the whole batch is one smaller chunk; never above.
-                assert chunk == CPU_CHUNK_ROWS or CPU_CHUNK_ROWS > chunk >= rows, (rows, k, c)
-    # For K ≥ 256 a chunk's logits are no larger than the weight gradient (C × K).
-    assert CPU_CHUNK_ROWS <= 256
+                # Never below the bound unless the whole batch is one smaller chunk.
+                assert chunk >= CPU_CHUNK_ROWS or chunk >= rows, (rows, k, c, chunk)
+                # At most the bound per thread, and (beyond the bound) at most K rows: a chunk's
+                # logits no larger than the weight gradient.
+                assert chunk <= CPU_CHUNK_ROWS * threads and chunk <= max(k, CPU_CHUNK_ROWS)
+
+
+def test_cpu_chunk_size_follows_the_threads(monkeypatch):
+    assert default_chunk_size(8192, 1024, 32000, cpu=True, threads=1) == 256
+    assert default_chunk_size(8192, 1024, 32000, cpu=True, threads=2) == 512
+    assert default_chunk_size(8192, 256, 32000, cpu=True, threads=2) == 256  # K caps it
+    seen = []
+    real = chunked.run_chunks_inplace
+
+    def spy(x, weight, bias, chunk_size, head, needs):
+        seen.append(chunk_size)
+        return real(x, weight, bias, chunk_size, head, needs)
+
+    monkeypatch.setattr(chunked, "run_chunks_inplace", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the entry point reads the intra-op threads at call time
+        x = torch.randn(600, 512, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(50, 512, dtype=torch.float64)
+        linear_cross_entropy(x, w, None, torch.zeros(600, dtype=torch.long))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [512]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

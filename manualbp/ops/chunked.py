@@ -321,36 +321,49 @@ def op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tup
 # ------------------------------------------------------------------------------ arguments
 
 
-#: On CPU (the in-place loop of `manualbp.ops.chunked_inplace`) a chunk has this many rows (or
-#: the whole batch, when smaller). Fewer rows make the weight-gradient GEMM, whose inner dimension
-#: is the chunk's rows, add into the (C × K) accumulator too often for its FLOPs (128 rows: 2-6 %
-#: slower; 64 rows: slower than unfused); more rows gain nothing measurable (512: within noise
-#: at K = 256-1024) but grow the chunk's logits, which at 256 rows are no larger than the weight
-#: gradient for K ≥ 256 — what keeps the step's peak under torch's F.linear_cross_entropy, plain
-#: and chunked (experiments/results/heads_cpu.md).
+#: On CPU (the in-place loop of `manualbp.ops.chunked_inplace`) a chunk has this many rows per
+#: intra-op thread, at most K (the hidden size) and at least this many, or the whole batch when
+#: smaller. Fewer rows make the weight-gradient GEMM, whose inner dimension is the chunk's rows,
+#: add into the (C × K) accumulator too often for its FLOPs (128 rows: 2-6 % slower, 64 rows:
+#: slower than unfused, one thread); with two threads 256-row chunks ran at 0.87× unfused and
+#: 512-row ones at 1.07× (2048 × 512 → 8192). At most K rows: the chunk's logits are then no
+#: larger than the weight gradient, which keeps the step's peak under torch's
+#: F.linear_cross_entropy, plain and chunked (experiments/results/heads_cpu.md).
 CPU_CHUNK_ROWS = 256
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
 
 
 def _pow2_at_least(n: int) -> int:
     return max(1, 1 << max(0, n - 1).bit_length())
 
 
-def default_chunk_size(rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
-    """Rows per chunk: on GPU so that a chunk's (rows × classes) logits are about the size of x,
-    on CPU (`cpu=True`) :data:`CPU_CHUNK_ROWS`, or the next power of two ≥ `rows` when smaller.
+def default_chunk_size(rows: int, in_features: int, classes: int, *, cpu: bool = False,
+                       threads: int = 1) -> int:  # fmt: skip
+    """Rows per chunk: on GPU so that a chunk's (rows × classes) logits are about the size of x;
+    on CPU (`cpu=True`) :data:`CPU_CHUNK_ROWS` per thread (`threads`: the intra-op threads),
+    at most the power of two ≤ K but never fewer than CPU_CHUNK_ROWS, and never more than the
+    next power of two ≥ `rows` (one chunk for a small batch).
 
     GPU, Liger-Kernel's rule: chunk = next power of two ≥ M / ⌈C / K⌉. For a head with C ≤ K the
     whole batch is one chunk; for C = 32·K it is M/32 rows.
     """
     if cpu:
-        return min(CPU_CHUNK_ROWS, _pow2_at_least(rows))
+        per_threads = CPU_CHUNK_ROWS * _pow2_at_most(max(threads, 1))
+        chunk = max(CPU_CHUNK_ROWS, min(per_threads, _pow2_at_most(max(in_features, 1))))
+        return min(chunk, _pow2_at_least(rows))
     factor = max(1, math.ceil(classes / max(in_features, 1)))
     return _pow2_at_least(math.ceil(rows / factor))
 
 
 def check_chunk(chunk_size: Any, rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
     if chunk_size is None:
-        return default_chunk_size(rows, in_features, classes, cpu=cpu)
+        # Read at call time; a traced graph bakes one thread's chunk in (Dynamo cannot trace
+        # get_num_threads, and the chunk is an argument of the heads' custom ops).
+        threads = torch.get_num_threads() if cpu and not torch.compiler.is_compiling() else 1
+        return default_chunk_size(rows, in_features, classes, cpu=cpu, threads=threads)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"chunk_size: expected a positive int or None, got {type(chunk_size).__name__} "

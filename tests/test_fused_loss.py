@@ -115,11 +115,13 @@ def test_default_chunk_size():
     assert default_chunk_size(1024, 64, 2048) == 32  # logits chunk ≈ the size of x
     assert default_chunk_size(1000, 100, 350) == 256  # next power of two ≥ 1000 / 4
     assert default_chunk_size(3, 1, 10**6) == 1
-    # CPU: at least CPU_CHUNK_ELEMENTS logits per chunk, never more rows than there are.
-    assert default_chunk_size(1024, 256, 4000, cpu=True) == 1024  # 2**21 / 4000 = 524 → 1024 (all rows)
-    assert default_chunk_size(8192, 1024, 32768, cpu=True) == 256  # Liger's 256 ≥ 64
-    assert default_chunk_size(8192, 256, 32768, cpu=True) == 64
+    # CPU: CPU_CHUNK_ROWS rows per thread, never more than the next power of two ≥ the rows.
+    assert default_chunk_size(1024, 256, 4000, cpu=True) == 256
+    assert default_chunk_size(8192, 1024, 32768, cpu=True) == 256
+    assert default_chunk_size(8192, 1024, 32768, cpu=True, threads=2) == 512
+    assert default_chunk_size(8192, 64, 2048, cpu=True) == 256
     assert default_chunk_size(100, 64, 2048, cpu=True) == 128
+    assert default_chunk_size(3, 1, 10**6, cpu=True) == 4
 
 
 # ------------------------------------------------------------------------------ memory

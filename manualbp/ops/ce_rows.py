@@ -113,6 +113,18 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _lse_softmax(zh: Tensor, inplace: bool) -> tuple[Tensor, Tensor | None]:
+    """(lse per row, p = softmax(ẑ) or None). In place: one fused softmax over ẑ's own buffer,
+    and lse = m − log max_c p_c with m the row's largest ẑ (max_c p_c = e^{m − lse} ≥ 1/C never
+    underflows); else logsumexp, differentiable, with p formed from it by the caller."""
+    if not inplace or zh.shape[1] == 0:
+        return torch.logsumexp(zh, dim=1), None
+    top = zh.amax(1)
+    p = torch.softmax(zh, 1, out=zh)
+    lse = top - p.amax(1).log()
+    return torch.where(top.isinf(), top, lse), p  # a row with ±inf: m itself, as logsumexp
+
+
 def rows_reference(
     z: Tensor,
     target: Tensor,
@@ -124,8 +136,9 @@ def rows_reference(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(ce per row, lse per row, ∂C/∂z or None) of a chunk of logits `z`, in torch ops.
 
-    With grad mode off `z` (the chunk's own buffer, compute dtype) is overwritten by ẑ and then
-    by the gradient; extra chunk-sized buffers: u for probability targets, 1 − (ẑ/s)² for softcap.
+    With grad mode off `z` (the chunk's own buffer, compute dtype) is overwritten by ẑ, then by
+    p = softmax(ẑ), then by the gradient; extra chunk-sized buffers: u for probability targets,
+    1 − (ẑ/s)² for softcap. (Everything read from ẑ itself is read before the softmax.)
     """
     inplace = not torch.is_grad_enabled()
     rows, classes = z.shape
@@ -137,25 +150,29 @@ def rows_reference(
         zh = _op(inplace, _op(inplace, z, "div", cap), "tanh")
         slope = 1 - zh * zh  # 1 − tanh², before ẑ is overwritten
         zh = _op(inplace, zh, "mul", cap)
-    lse = torch.logsumexp(zh, dim=1)  # a row of only −inf gives −inf, and a NaN loss, as native
     if opts.prob_target:
         u = target.to(z.dtype) * (1 - eps)  # a new chunk buffer: the caller's target stays intact
         if eps:
             u.add_(eps / classes)
         if cw is not None:
             u.mul_(cw)
-        big_a = u.sum(1)
-        ce = big_a * lse - _rowdot(u, zh)
+        big_a, u_z = u.sum(1), _rowdot(u, zh)
     else:
         t = _safe_index(target, valid)
-        w_t = cw[t] if cw is not None else torch.ones_like(lse)
-        ce = w_t * (lse - zh.gather(1, t.unsqueeze(1)).squeeze(1))
+        w_t = cw[t] if cw is not None else torch.ones(rows, dtype=z.dtype, device=z.device)
+        z_t = zh.gather(1, t.unsqueeze(1)).squeeze(1)
         big_a = w_t
         if eps:
             w_sum = cw.sum() if cw is not None else classes
             w_z = zh @ cw if cw is not None else zh.sum(1)
-            ce = (1 - eps) * ce + (eps / classes) * (w_sum * lse - w_z)
             big_a = (1 - eps) * w_t + (eps / classes) * w_sum
+    lse, p = _lse_softmax(zh, inplace)  # a row of only −inf gives −inf, and a NaN loss, as native
+    if opts.prob_target:
+        ce = big_a * lse - u_z
+    else:
+        ce = w_t * (lse - z_t)
+        if eps:
+            ce = (1 - eps) * ce + (eps / classes) * (w_sum * lse - w_z)
     ce = torch.where(valid, ce, torch.zeros_like(ce))
     if scale is None:
         return ce, lse, None
@@ -163,7 +180,7 @@ def rows_reference(
     if lam:
         alpha = alpha + 2 * lam * z_scale.to(z.dtype) * lse  # type: ignore[union-attr]
     r = scale.to(z.dtype).unsqueeze(1)
-    grad = _op(inplace, _op(inplace, zh, "sub", lse.unsqueeze(1)), "exp")  # softmax p
+    grad = p if p is not None else _op(inplace, _op(inplace, zh, "sub", lse.unsqueeze(1)), "exp")
     grad = _op(inplace, grad, "mul", alpha.unsqueeze(1))
     if opts.prob_target:
         grad = _op(inplace, grad, "sub", _op(inplace, u, "mul", r))
@@ -176,7 +193,10 @@ def rows_reference(
             grad = _op(inplace, grad, "sub", r * (eps / classes))
     if slope is not None:
         grad = _op(inplace, grad, "mul", slope)
-    # Ignored rows get exactly 0 — a select, so a NaN/Inf row or scale cannot leak into them.
+    # Ignored rows get exactly 0 — a select, so a NaN/Inf row or scale cannot leak into them (on
+    # CPU skipped, one pass over the chunk less, when no row is ignored).
+    if grad.device.type == "cpu" and bool(valid.all()):
+        return ce, lse, grad
     return ce, lse, _op(inplace, grad, "masked_fill", ~valid.unsqueeze(1), 0)
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from manualbp.backends import reference
 from manualbp.backends.reference import cast, compute_dtype, up
 from manualbp.ops._common import check_linear_args, check_reduction, no_autocast, refuse_create_graph
+from manualbp.ops.chunked_inplace import run_chunks_inplace
 from manualbp.ops.linear_act import traced_backend_name
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "save_head",
     "save_op_head",
     "scaled_all",
+    "scaled_or_same",
     "split_saved",
     "traced_backend",
     "only_wanted",
@@ -132,6 +134,8 @@ def run_chunks(
     Returns (grad_x, grad_weight, grad_bias) for the gradients in `needs`; the weight and bias
     gradients are summed over chunks in the compute dtype and rounded once.
     """
+    if gemms is ReferenceGemms and not torch.is_grad_enabled():
+        return run_chunks_inplace(x, weight, bias, chunk_size, head, needs)
     need_x, need_weight, need_bias = needs
     M, K = x.shape
     N = weight.shape[0]
@@ -170,6 +174,19 @@ def scaled_all(grads: tuple[Tensor, ...], needs: tuple[bool, ...], g: Tensor) ->
         cdt = compute_dtype(grad.dtype)
         out.append((grad.to(cdt) * g.to(cdt)).to(grad.dtype) if need else None)
     return out
+
+
+def scaled_or_same(grads: tuple[Tensor, ...], needs: tuple[bool, ...], g: Tensor) -> list:
+    """`scaled_all`, but for ∂C/∂loss = 1 on CPU (`loss.backward()`) the precomputed gradients
+    themselves: no gradient-sized copy at the step's peak. Eager Functions only.
+
+    Safe to hand out: with retain_graph=False the engine frees this node's saved tensors before
+    the gradients reach AccumulateGrad, which then keeps them as .grad; with the graph retained
+    they are still saved, so AccumulateGrad (or an in-place accumulation) copies them instead.
+    """
+    if g.device.type == "cpu" and g.numel() == 1 and bool(g == 1):
+        return [grad if need else None for grad, need in zip(grads, needs, strict=True)]
+    return scaled_all(grads, needs, g)
 
 
 def or_placeholder(t: Tensor | None, like: Tensor) -> Tensor:
@@ -304,33 +321,49 @@ def op_grads(ctx: Any, grad_loss: Tensor, late_op: Callable[[Tensor, tuple], tup
 # ------------------------------------------------------------------------------ arguments
 
 
-#: On CPU a chunk's logits are at least this many elements (8 MiB in float32): below it the
-#: chunk loop's per-chunk costs (small GEMMs, one (C × K) accumulation per chunk) make the fused
-#: head slower than the unfused one (1024 × 256 → 4000: 64-row chunks ran at 0.64× unfused).
-CPU_CHUNK_ELEMENTS = 1 << 21
+#: On CPU (the in-place loop of `manualbp.ops.chunked_inplace`) a chunk has this many rows per
+#: intra-op thread, at most K (the hidden size) and at least this many, or the whole batch when
+#: smaller. Fewer rows make the weight-gradient GEMM, whose inner dimension is the chunk's rows,
+#: add into the (C × K) accumulator too often for its FLOPs (128 rows: 2-6 % slower, 64 rows:
+#: slower than unfused, one thread); with two threads 256-row chunks ran at 0.87× unfused and
+#: 512-row ones at 1.07× (2048 × 512 → 8192). At most K rows: the chunk's logits are then no
+#: larger than the weight gradient, which keeps the step's peak under torch's
+#: F.linear_cross_entropy, plain and chunked (experiments/results/heads_cpu.md).
+CPU_CHUNK_ROWS = 256
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
 
 
 def _pow2_at_least(n: int) -> int:
     return max(1, 1 << max(0, n - 1).bit_length())
 
 
-def default_chunk_size(rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
-    """Rows per chunk so that a chunk's (rows × classes) logits are about the size of x.
+def default_chunk_size(rows: int, in_features: int, classes: int, *, cpu: bool = False,
+                       threads: int = 1) -> int:  # fmt: skip
+    """Rows per chunk: on GPU so that a chunk's (rows × classes) logits are about the size of x;
+    on CPU (`cpu=True`) :data:`CPU_CHUNK_ROWS` per thread (`threads`: the intra-op threads),
+    at most the power of two ≤ K but never fewer than CPU_CHUNK_ROWS, and never more than the
+    next power of two ≥ `rows` (one chunk for a small batch).
 
-    Liger-Kernel's rule: chunk = next power of two ≥ M / ⌈C / K⌉. For a head with C ≤ K the whole
-    batch is one chunk; for C = 32·K it is M/32 rows. On CPU (`cpu=True`) a chunk also holds at
-    least :data:`CPU_CHUNK_ELEMENTS` logits (next power of two of rows), when there are the rows.
+    GPU, Liger-Kernel's rule: chunk = next power of two ≥ M / ⌈C / K⌉. For a head with C ≤ K the
+    whole batch is one chunk; for C = 32·K it is M/32 rows.
     """
-    factor = max(1, math.ceil(classes / max(in_features, 1)))
-    chunk = _pow2_at_least(math.ceil(rows / factor))
     if cpu:
-        chunk = max(chunk, min(_pow2_at_least(rows), _pow2_at_least(CPU_CHUNK_ELEMENTS // max(classes, 1))))
-    return chunk
+        per_threads = CPU_CHUNK_ROWS * _pow2_at_most(max(threads, 1))
+        chunk = max(CPU_CHUNK_ROWS, min(per_threads, _pow2_at_most(max(in_features, 1))))
+        return min(chunk, _pow2_at_least(rows))
+    factor = max(1, math.ceil(classes / max(in_features, 1)))
+    return _pow2_at_least(math.ceil(rows / factor))
 
 
 def check_chunk(chunk_size: Any, rows: int, in_features: int, classes: int, *, cpu: bool = False) -> int:
     if chunk_size is None:
-        return default_chunk_size(rows, in_features, classes, cpu=cpu)
+        # Read at call time; a traced graph bakes one thread's chunk in (Dynamo cannot trace
+        # get_num_threads, and the chunk is an argument of the heads' custom ops).
+        threads = torch.get_num_threads() if cpu and not torch.compiler.is_compiling() else 1
+        return default_chunk_size(rows, in_features, classes, cpu=cpu, threads=threads)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"chunk_size: expected a positive int or None, got {type(chunk_size).__name__} "

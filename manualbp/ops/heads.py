@@ -25,7 +25,10 @@ reads it in place; the reference forms one chunk-sized buffer from it).
 
 `linear_mse_loss` is the same head for a regression output: G = 2 (y − t) · s.
 
-Backends: the reference computes in torch ops (16-bit inputs in float32, rounded once at the end);
+Backends: the reference computes in torch ops — with grad mode off (every first-order call) in
+the in-place loop of `manualbp.ops.chunked_inplace` (one chunk buffer, GEMMs writing where their
+results go; bfloat16 GEMMs in bfloat16 as native's, the loss math and the weight-gradient sum in
+float32), under a differentiable backward in float32 for 16-bit inputs, rounded once at the end;
 the Triton backend runs the layer GEMM kernels and, for cross-entropy, the softmax/loss/gradient
 kernel of `manualbp.triton_kernels.cross_entropy`. On the Triton backend the logits and their
 gradient are stored in the input dtype (as native F.linear would), and for 16-bit inputs each
@@ -109,7 +112,7 @@ from manualbp.ops.chunked import (
     run_chunks,
     save_head,
     save_op_head,
-    scaled_all,
+    scaled_or_same,
     split_saved,
     traced_backend,
 )
@@ -237,7 +240,7 @@ class LinearCrossEntropyFunction(PositionalFunction):
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:
         grads, inputs = split_saved(ctx)
         if ctx.reduction != "none":
-            grad_x, grad_weight, grad_bias = scaled_all(grads, ctx.needs, grad_loss)
+            grad_x, grad_weight, grad_bias = scaled_or_same(grads, ctx.needs, grad_loss)
         else:
             x, weight, bias, target = inputs
             g = grad_loss.to(compute_dtype(x.dtype))

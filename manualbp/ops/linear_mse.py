@@ -41,7 +41,7 @@ from manualbp.ops.chunked import (
     run_chunks,
     save_head,
     save_op_head,
-    scaled_all,
+    scaled_or_same,
     split_saved,
     traced_backend,
 )
@@ -139,7 +139,7 @@ class LinearMSEFunction(PositionalFunction):
     def _backward(ctx: Any, grad_loss: Tensor) -> tuple:
         saved_grads, inputs = split_saved(ctx)
         if ctx.reduction != "none":
-            grads = scaled_all(saved_grads, ctx.needs, grad_loss)
+            grads = scaled_or_same(saved_grads, ctx.needs, grad_loss)
         else:
             x, weight, bias, target = inputs
             losses = torch.empty_like(target, dtype=compute_dtype(x.dtype))

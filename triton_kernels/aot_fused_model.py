@@ -40,6 +40,7 @@ LAUNCH_S = 5e-6
 L2_BANDWIDTH = 10e12
 ETA_SWEEP = 0.5
 ESIZE = 2  # bf16
+CAPABILITY = (9, 0)  # the modelled machine: its groups (`fused_mlp_acc.group_limits`)
 WIDTHS, DEPTHS, ROWS = (32, 64, 128), (2, 4, 8), (2**12, 2**16, 2**18)
 
 
@@ -71,13 +72,39 @@ def fused_step(width: int, depth: int, rows: int) -> float:
     return sum(fused_kernels(width, depth, rows).values())
 
 
-def accumulates(width: int, depth: int) -> bool:
-    """Whether the step's backward is the accumulating sweep (`fused_mlp_acc.fits`, for the
-    modelled stack: tanh hidden layers, identity output)."""
-    from . import fused_mlp, fused_mlp_acc
+def _plan(width: int, depth: int):
+    from . import fused_mlp
 
-    acts = [4] * (depth - 1) + [0]
-    return fused_mlp_acc.fits(fused_mlp.Plan([width] * (depth + 1), acts, [0.0] * depth, [True] * depth))
+    acts = [4] * (depth - 1) + [0]  # tanh hidden layers, identity output
+    return fused_mlp.Plan([width] * (depth + 1), acts, [0.0] * depth, [True] * depth)
+
+
+def accumulates(width: int, depth: int) -> bool:
+    """Whether the step's backward is the accumulating sweep (`fused_mlp_acc.fits` on sm_90,
+    for the modelled stack)."""
+    from . import fused_mlp_acc
+
+    return fused_mlp_acc.fits(_plan(width, depth), CAPABILITY)
+
+
+def accumulating_sweep(width: int, depth: int, rows: int) -> tuple[float, float]:
+    """(sweep, reduction) seconds of the accumulating backward (module docstring)."""
+    from . import fused_mlp_acc
+
+    M, W, L, e = rows, width, depth, ESIZE
+    bounds = fused_mlp_acc.group_bounds(_plan(width, depth), CAPABILITY)
+    tiles = -(-M // 64)
+    programs = fused_mlp_acc.group_programs(bounds, L, tiles, SMS)
+    groups = list(zip(bounds, bounds[1:]))
+    dots = sum((hi - lo) + (L - 1 - lo) for lo, hi in groups)  # δᵀh of its layers, δW down to them
+    tensor = M * W * e
+    # each group reads ∂C/∂a and the kept tensors down to its lowest layer (x for the first)
+    reads = sum(1 + (L - max(lo, 1)) + (lo == 0) for lo, _ in groups)
+    partials = sum(p * (hi - lo) * (W * W + W) * 4 for p, (lo, hi) in zip(programs, groups))
+    weights = sum(tiles * (L - lo) * W * W * e for lo, _ in groups)
+    sweep = _kernel(dots * 2 * M * W * W, ETA_SWEEP, (L + 1) * tensor + partials, reads * tensor + weights)
+    reduce = _kernel(0, 1, partials + L * (W * W + W) * e)
+    return sweep, reduce
 
 
 def fused_kernels(width: int, depth: int, rows: int, accumulate: bool | None = None) -> dict[str, float]:
@@ -90,12 +117,7 @@ def fused_kernels(width: int, depth: int, rows: int, accumulate: bool | None = N
     # forward: x in, L kept tensors out (the identity last layer's is the output)
     forward = _kernel(L * flops_layer, ETA_SWEEP, (M * W + L * M * W) * e, tiles_fw * weight_bytes)
     if accumulates(width, depth) if accumulate is None else accumulate:
-        # one program per SM: ∂C/∂a, the L − 1 kept tensors and x in, nothing per row out
-        programs = min(SMS, tiles_bw)
-        partials = programs * L * (W * W + W) * 4
-        backward = _kernel((2 * L - 1) * flops_layer, ETA_SWEEP, (M * W + (L - 1) * M * W + M * W) * e
-                           + partials, tiles_bw * weight_bytes)  # fmt: skip
-        reduce = _kernel(0, 1, partials + L * (W * W + W) * e)
+        backward, reduce = accumulating_sweep(width, depth, rows)
         return {"mlp_forward": forward, "mlp_backward_acc": backward, "mlp_reduce": reduce}
     # δ sweep: ∂C/∂a and L − 1 kept tensors in, L δ out, bias partials (fp32)
     backward = _kernel((L - 1) * flops_layer, ETA_SWEEP, (M * W + (L - 1) * M * W + L * M * W) * e

@@ -43,6 +43,7 @@ from .activations import act_fn, act_grad, check_act_id, uses_output
 
 MAX_WIDTH = 128  # registers: a (BLOCK_M, 128) fp32 tile per live operand
 MAX_DEPTH = 8
+FORWARD_RESIDENT_W = False  # see README, fused mode: weights resident on chip
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def _weight_tile(w_ptr, stride_wn, stride_wk, n_out, n_in, RP: tl.constexpr, CP:
 @triton.jit
 def mlp_forward_kernel(
     x_ptr, w_ptrs, b_ptrs, kept_ptrs, out_ptr,
-    M, dims,
+    M, dims, n_tiles,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_kept, stride_om,
@@ -96,16 +97,46 @@ def mlp_forward_kernel(
     ACTS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE: tl.constexpr,
+    RESIDENT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    rows = _rows(tl.program_id(0), BLOCK_M)
+    """One row tile per program; or with RESIDENT_W persistent: every Wᵀ loaded once per
+    program before its loop over the tiles pid, pid + P, … (P programs)."""
+    pid = tl.program_id(0)
+    if RESIDENT_W:
+        ws = ()
+        for i in tl.static_range(L):
+            ws = ws + (_weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
+                                    PAD[i], PAD[i + 1], True),)  # type: ignore[assignment]  # fmt: skip
+        programs = tl.num_programs(0)
+        for t in range(tl.cdiv(n_tiles - pid, programs)):
+            _forward_tile(x_ptr, w_ptrs, ws, b_ptrs, kept_ptrs, out_ptr, _rows(pid + t * programs, BLOCK_M),
+                          M, dims, stride_xm, stride_xk, stride_wn, stride_wk, stride_kept, stride_om, slopes,
+                          L, PAD, ACTS, HAS_BIAS, STORE, RESIDENT_W, UPCAST, INPUT_PRECISION)  # fmt: skip
+    else:
+        _forward_tile(x_ptr, w_ptrs, (), b_ptrs, kept_ptrs, out_ptr, _rows(pid, BLOCK_M),
+                      M, dims, stride_xm, stride_xk, stride_wn, stride_wk, stride_kept, stride_om, slopes,
+                      L, PAD, ACTS, HAS_BIAS, STORE, RESIDENT_W, UPCAST, INPUT_PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _forward_tile(
+    x_ptr, w_ptrs, ws, b_ptrs, kept_ptrs, out_ptr, rows,
+    M, dims, stride_xm, stride_xk, stride_wn, stride_wk, stride_kept, stride_om, slopes,
+    L: tl.constexpr, PAD: tl.constexpr, ACTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE: tl.constexpr, RESIDENT_W: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
     h = _load_tile(x_ptr, rows, stride_xm, stride_xk, M, dims[0], PAD[0], UPCAST)
     h = downcast(h, x_ptr.dtype.element_ty, UPCAST)
     for i in tl.static_range(L):
-        w = _weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
-                         PAD[i], PAD[i + 1], True)  # fmt: skip
+        if RESIDENT_W:
+            w = ws[i]
+        else:
+            w = _weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
+                             PAD[i], PAD[i + 1], True)  # fmt: skip
         z = tl.dot(upcast(h, UPCAST), upcast(w, UPCAST), input_precision=INPUT_PRECISION)
         if HAS_BIAS[i]:
             n = tl.arange(0, PAD[i + 1])
@@ -218,7 +249,7 @@ def _reduce_set(part_ptr, out_ptrs, sizes, part_offs, n_parts, stride_part, c, L
     for i in tl.static_range(L):
         mask = c < sizes[i]
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for p in range(n_parts):  # a fixed order: deterministic
+        for p in range(n_parts[i]):  # a fixed order: deterministic
             acc += tl.load(part_ptr + p * stride_part + part_offs[i] + c, mask=mask, other=0.0)
         tl.store(out_ptrs[i] + c, downcast(acc, out_ptrs[i].dtype.element_ty, UPCAST), mask=mask)
 
@@ -332,16 +363,18 @@ def mlp_forward(
         return out, kept
     block = plan.block()
     kept_t = tuple(k if k is not None else out for k in kept)  # stand-ins are never written
-    grid = (triton.cdiv(M, block["BLOCK_M"]),)
+    tiles = triton.cdiv(M, block["BLOCK_M"])
+    grid = (min(tiles, _utils.num_sms(x.device)) if FORWARD_RESIDENT_W else tiles,)
     _utils.traceable(mlp_forward_kernel)[grid](
         x, tuple(weights), tuple(b if b is not None else w for b, w in zip(biases, weights)), kept_t, out,
-        M, plan.dims,
+        M, plan.dims, tiles,
         x.stride(0), x.stride(1),
         tuple(w.stride(0) for w in weights), tuple(w.stride(1) for w in weights),
         tuple(k.stride(0) for k in kept_t), out.stride(0),
         plan.slopes,
         HAS_BIAS=plan.has_bias,
         STORE=tuple(k is not None for k in kept),
+        RESIDENT_W=FORWARD_RESIDENT_W,
         **plan.flags(dt),
         **block,
     )  # fmt: skip
@@ -458,22 +491,22 @@ def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]
 
 
 def reduce_partials(weight_set: tuple, bias_set: tuple, dt: torch.dtype) -> None:
-    """outs[l] (contiguous) = Σ_p part[p, offs[l] : offs[l] + sizes[l]] for both sets
-    (part, n_parts, outs, offs, sizes), in a fixed order, in one launch."""
+    """outs[l] (contiguous) = Σ_{p < n_parts[l]} part[p, offs[l] : offs[l] + sizes[l]] for both
+    sets (part, n_parts — one count, or one per layer —, outs, offs, sizes), in a fixed order,
+    in one launch."""
     args = []
     widest = 0
     for part, n_parts, outs, offs, sizes in (weight_set, bias_set):
-        sizes = [s if o is not None else 0 for s, o in zip(sizes, outs)]
-        if n_parts == 0:  # no rows: every gradient is 0
-            for o in outs:
-                if o is not None:
-                    o.zero_()
-            sizes = [0] * len(sizes)
+        counts = list(n_parts) if isinstance(n_parts, (list, tuple)) else [n_parts] * len(outs)
+        sizes = [s if o is not None and n else 0 for s, o, n in zip(sizes, outs, counts)]
+        for o, n in zip(outs, counts):
+            if o is not None and n == 0:  # no rows: the gradient is 0
+                o.zero_()
         widest = max(widest, *sizes)
         stand_in = bias_set[0]  # never written: its sizes are 0
         part = part if part is not None else stand_in
         outs_t = tuple(o if o is not None else stand_in for o in outs)
-        args += [part, outs_t, tuple(sizes), offs[:-1], n_parts, part.stride(0)]
+        args += [part, outs_t, tuple(sizes), offs[:-1], tuple(counts), part.stride(0)]
     if widest == 0:
         return
     grid = (triton.cdiv(widest, REDUCE_BLOCK),)

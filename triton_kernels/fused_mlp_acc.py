@@ -53,8 +53,8 @@ from .fused_mlp import (
     _rows,
     _store_tile,
     _weight_tile,
-    reduce_partials,
 )
+from .fused_mlp_reduce import reduce_partials
 
 # Per capability and activation id, (Σ_l out_l · in_l padded, layers) of the group one program
 # may accumulate: what compiled without spills or serialised wgmma (module docstring). An id

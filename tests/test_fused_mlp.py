@@ -216,7 +216,7 @@ def test_accumulating_path_is_taken_for_small_stacks() -> None:
         return fused_mlp.Plan(sizes, [ids[act]] * (depth - 1) + [0], [0.01] * depth, [True] * depth)
 
     for capability in ((9, 0), (8, 0)):
-        assert fused_mlp_acc.fits(plan([2, 64, 3], "silu"), capability)
+        assert fused_mlp_acc.fits(plan([2, 64, 3], "sigmoid"), capability)
         assert fused_mlp_acc.fits(plan([2] + [64] * 3 + [3], "tanh"), capability)
         assert not fused_mlp_acc.fits(plan([2, 128, 3], "tanh"), capability)  # 16384 accumulators
         assert not fused_mlp_acc.fits(plan([32, 32, 32], "mish"), capability)

@@ -109,16 +109,18 @@ def _plan(sizes: list[int], act: str = "tanh") -> fused_mlp.Plan:
 
 def test_group_choice_per_capability() -> None:
     """sm_90: pairs of 64-wide layers for the activations whose f′ reads a, single ones for
-    those that recompute f(z); sm_80: single 64-wide layers (pairs at 32), at most 4 layers;
+    those that recompute f(z), single ones beyond 4 layers; sm_80: single 64-wide layers
+    (pairs at 32) for the activations whose f′ reads a, at most 4 layers;
     the rest — float32,
     layers over 64 × 64, the activations that spill or serialise — take the split path."""
     hopper, ampere = (9, 0), (8, 0)
     bounds = fused_mlp_acc.group_bounds
     assert bounds(_plan([2, 64, 64, 64, 3]), hopper) == (0, 2, 4)
-    assert bounds(_plan([2] + [64] * 7 + [3]), hopper) == (0, 2, 4, 6, 8)
+    assert bounds(_plan([2] + [64] * 7 + [3]), hopper) == tuple(range(9))  # pairs up to 4 layers
     assert bounds(_plan([2, 64, 64, 64, 3], "silu"), hopper) == (0, 1, 2, 3, 4)
     assert bounds(_plan([2, 64, 64, 64, 3]), ampere) == (0, 1, 2, 3, 4)
-    assert bounds(_plan([32] * 5, "silu"), ampere) == (0, 2, 4)
+    assert bounds(_plan([32] * 5, "tanh"), ampere) == (0, 2, 4)
+    assert bounds(_plan([32] * 5, "silu"), hopper) == (0, 2, 4)
     assert bounds(_plan([32] * 5), None) == bounds(_plan([32] * 5), hopper)  # the interpreter's
     for capability in (hopper, ampere):
         assert fused_mlp_acc.fits(_plan([2, 64, 64, 64, 3]), capability, torch.bfloat16)
@@ -128,6 +130,7 @@ def test_group_choice_per_capability() -> None:
     assert not fused_mlp_acc.fits(_plan([2, 64, 64, 3], "relu"), hopper)
     assert fused_mlp_acc.fits(_plan([2, 64, 64, 3], "relu"), ampere)
     assert not fused_mlp_acc.fits(_plan([2, 64, 64, 3], "gelu"), ampere)
+    assert not fused_mlp_acc.fits(_plan([2, 64, 64, 3], "silu"), ampere)
     assert fused_mlp_acc.fits(_plan([2] + [64] * 7 + [3]), hopper)
     assert not fused_mlp_acc.fits(_plan([2] + [64] * 7 + [3]), ampere)  # over 4 layers
 

@@ -30,15 +30,16 @@ from . import aot_variants
 # (dtype, input width, hidden width, depth, output width, activation, bias): small input and
 # output widths (a coordinate net, 2 → 3) exercise the in-kernel padding.
 # The accumulating sweep's groups (fused_mlp_acc.ACT_GROUPS): on sm_90 tanh at width 64 takes
-# pairs of layers, silu single ones; on sm_80 single 64-wide layers, up to 4.
+# pairs of layers up to 4 layers and single ones beyond, silu single ones; on sm_80 single
+# 64-wide layers, up to 4.
 NETS_CI = {
-    90: [("bf16", 2, 64, 4, 3, "silu", True), ("fp16", 128, 128, 4, 128, "relu", False),
+    90: [("bf16", 2, 64, 4, 3, "tanh", True), ("fp16", 128, 128, 4, 128, "relu", False),
          ("bf16", 2, 64, 8, 3, "tanh", True)],
-    80: [("bf16", 2, 64, 4, 3, "silu", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
+    80: [("bf16", 2, 64, 4, 3, "tanh", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
 }
 _EXTRA = [("bf16", 64, 64, 8, 64, "gelu", True), ("fp16", 32, 32, 4, 1, "mish", True),
           ("bf16", 3, 128, 8, 1, "tanh", True), ("fp16", 64, 64, 2, 64, "gelu", False),
-          ("fp16", 32, 32, 2, 32, "mish", False), ("bf16", 2, 64, 4, 3, "tanh", True),
+          ("fp16", 32, 32, 2, 32, "mish", False), ("bf16", 2, 64, 4, 3, "silu", True),
           ("fp16", 32, 32, 8, 32, "sigmoid", False), ("bf16", 2, 64, 4, 3, "relu", True),
           ("bf16", 2, 64, 4, 3, "softplus", True)]
 NETS_FULL = {arch: [*dict.fromkeys([*NETS_CI[90], *NETS_CI[80], *_EXTRA])] for arch in NETS_CI}

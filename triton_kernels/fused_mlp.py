@@ -45,7 +45,8 @@ from .fused_mlp_reduce import mlp_reduce_kernel, reduce_partials  # noqa: F401  
 
 MAX_WIDTH = 128  # registers: a (BLOCK_M, 128) fp32 tile per live operand
 MAX_DEPTH = 8
-FORWARD_RESIDENT_W = False  # see README, fused mode: weights resident on chip
+RESIDENT_BYTES = 64 * 1024  # the forward's weights held in shared memory (forward_resident)
+PROGRAMS_PER_SM = 2  # the resident forward's persistent programs
 
 
 @triton.jit
@@ -316,6 +317,16 @@ def check_plan(dims: tuple[int, ...], depth: int) -> None:
         )
 
 
+def forward_resident(plan: Plan, dtype: torch.dtype) -> bool:
+    """Whether the forward runs persistent with every Wᵀ loaded once per program (kept in
+    shared memory by Triton 3.6 and 3.9: the loads and their shared-memory copies sit before
+    the tile loop in the TTGIR; AOT-checked clean at widths ≤ 64): 16-bit stacks of widths
+    ≤ 64 whose weights fit RESIDENT_BYTES (float32's FMA dots would hold them in registers;
+    width 128 was not compiled resident)."""
+    size = sum(plan.pad[i] * plan.pad[i + 1] for i in range(plan.depth)) * 2
+    return dtype != torch.float32 and max(plan.pad) <= 64 and size <= RESIDENT_BYTES
+
+
 def mlp_forward(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -339,7 +350,8 @@ def mlp_forward(
     block = plan.block()
     kept_t = tuple(k if k is not None else out for k in kept)  # stand-ins are never written
     tiles = triton.cdiv(M, block["BLOCK_M"])
-    grid = (min(tiles, _utils.num_sms(x.device)) if FORWARD_RESIDENT_W else tiles,)
+    resident = forward_resident(plan, dt)
+    grid = (min(tiles, PROGRAMS_PER_SM * _utils.num_sms(x.device)) if resident else tiles,)
     _utils.traceable(mlp_forward_kernel)[grid](
         x, tuple(weights), tuple(b if b is not None else w for b, w in zip(biases, weights)), kept_t, out,
         M, plan.dims, tiles,
@@ -349,7 +361,7 @@ def mlp_forward(
         plan.slopes,
         HAS_BIAS=plan.has_bias,
         STORE=tuple(k is not None for k in kept),
-        RESIDENT_W=FORWARD_RESIDENT_W,
+        RESIDENT_W=resident,
         **plan.flags(dt),
         **block,
     )  # fmt: skip

@@ -59,15 +59,15 @@ from .fused_mlp_reduce import reduce_partials
 # Per capability and activation id, (Σ_l out_l · in_l padded, layers) of the group one program
 # may accumulate: what compiled without spills or serialised wgmma (module docstring). An id
 # missing here takes the split path (sm_90: relu, whose select serialises the wgmma, and mish;
-# sm_80: the activations computing f(z) in the sweep but silu).
+# sm_80: the activations computing f(z) in the sweep — silu spilled under Triton 3.6).
 _PAIR, _ONE = (2 * 64 * 64, 2), (64 * 64, 2)  # at width 64: 2 layers, 1 layer a group
 ACT_GROUPS = {
     90: {0: _PAIR, 2: _PAIR, 3: _PAIR, 4: _PAIR, 5: _ONE, 6: _ONE, 7: _ONE, 9: _ONE},
-    80: {0: _ONE, 1: _ONE, 2: _ONE, 3: _ONE, 4: _ONE, 7: _ONE},
+    80: {0: _ONE, 1: _ONE, 2: _ONE, 3: _ONE, 4: _ONE},
 }
+PAIRS_UP_TO = 4  # deeper stacks: one layer a group (sm_90 pairs at 8 layers: 2 spills on 3.6)
 MAX_WIDTH = 64  # a (64, 128) fp32 tile per live operand besides the accumulators: not tried
 MAX_LAYERS = {90: 8, 80: 4}  # sm_80 at 8 layers of 64: 255 registers, spills for tanh
-RESIDENT_W = False
 GPU_LAUNCH = {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1}
 
 
@@ -88,7 +88,6 @@ def mlp_backward_acc_kernel(
     NEED_W: tl.constexpr,
     NEED_X: tl.constexpr,
     BOUNDS: tl.constexpr,
-    RESIDENT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -103,7 +102,7 @@ def mlp_backward_acc_kernel(
                 M, dims, n_tiles, pid - starts[g], starts[g + 1] - starts[g],
                 stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk,
                 stride_kept, stride_gxm, w_offs, stride_w_part, b_offs, stride_b_part, slopes,
-                L, PAD, ACTS, BIAS, NEED_W, NEED_X and g == 0, BOUNDS[g], BOUNDS[g + 1], RESIDENT_W,
+                L, PAD, ACTS, BIAS, NEED_W, NEED_X and g == 0, BOUNDS[g], BOUNDS[g + 1],
                 UPCAST, INPUT_PRECISION, BLOCK_M,
             )  # fmt: skip
 
@@ -116,8 +115,7 @@ def _group_sweep(
     stride_kept, stride_gxm, w_offs, stride_w_part, b_offs, stride_b_part, slopes,
     L: tl.constexpr, PAD: tl.constexpr, ACTS: tl.constexpr, BIAS: tl.constexpr,
     NEED_W: tl.constexpr, NEED_X: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-    RESIDENT_W: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Layers LO ≤ l < HI: their accumulators live across the program's tiles; the layers
     above only carry δ down to them (one dot and f′ each, no accumulator). The group's
@@ -132,11 +130,6 @@ def _group_sweep(
     for i in tl.static_range(HI - 1, LO - 1, -1):
         accs = accs + (tl.zeros((tl.constexpr(PAD[i + 1]), tl.constexpr(PAD[i])), dtype=tl.float32),)  # type: ignore[assignment]
         sums = sums + (tl.zeros((tl.constexpr(PAD[i + 1]),), dtype=tl.float32),)  # type: ignore[assignment]
-    ws = ()  # RESIDENT_W: every weight the sweep multiplies by, loaded once per program
-    if RESIDENT_W:
-        for i in tl.static_range(LO, L):
-            ws = ws + (_weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
-                                    PAD[i + 1], PAD[i], False),)  # type: ignore[assignment]  # fmt: skip
     for t in range(tl.cdiv(n_tiles - pid, n_programs)):
         rows = _rows(pid + t * n_programs, BLOCK_M)
         g = _load_tile(grad_ptr, rows, stride_gm, stride_gn, M, dims[L], PAD[L], UPCAST)
@@ -170,11 +163,10 @@ def _group_sweep(
                 new_accs = new_accs + (acc,)  # type: ignore[assignment]
                 new_sums = new_sums + (bsum,)  # type: ignore[assignment]
             if i > LO or NEED_X:  # NEED_X only where LO = 0
-                if RESIDENT_W:
-                    w = ws[i - LO]  # type: ignore[var-annotated]
-                else:
-                    w = _weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
-                                     PAD[i + 1], PAD[i], False)  # fmt: skip
+                # loop-invariant: Triton (3.6, 3.9) hoists the load and its shared-memory copy
+                # out of the tile loop, so the weights stay resident in shared memory
+                w = _weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
+                                 PAD[i + 1], PAD[i], False)  # fmt: skip
                 grad_prev = tl.dot(upcast(d, UPCAST), upcast(w, UPCAST), input_precision=INPUT_PRECISION)
                 if i > 0:
                     delta = act_grad(grad_prev, s, ACTS[i - 1], slopes[i - 1])
@@ -201,7 +193,8 @@ def group_limits(plan: Plan, capability: tuple[int, int] | None) -> tuple[int, i
     limits = [table.get(a) for a in plan.acts]
     if any(limit is None for limit in limits):
         return None
-    return min(lim[0] for lim in limits if lim), min(lim[1] for lim in limits if lim)
+    layers = min(lim[1] for lim in limits if lim) if plan.depth <= PAIRS_UP_TO else 1
+    return min(lim[0] for lim in limits if lim), layers
 
 
 def group_bounds(plan: Plan, capability: tuple[int, int] | None = None) -> tuple[int, ...]:
@@ -284,7 +277,7 @@ def mlp_backward_accumulated(
             w_offs[:-1], w_part.stride(0), b_offs[:-1], b_part.stride(0),
             plan.slopes,
             BIAS=tuple(bias), NEED_W=tuple(need_weight), NEED_X=need_x, BOUNDS=bounds,
-            RESIDENT_W=RESIDENT_W, **plan.flags(dt), **block,
+            **plan.flags(dt), **block,
         )  # fmt: skip
     grad_w = [alloc(tuple(w.shape), dt, device) if need_weight[i] else None for i, w in enumerate(weights)]
     grad_b = [alloc((dims[i + 1],), dt, device) if bias[i] else None for i in range(L)]

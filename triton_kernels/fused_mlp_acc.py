@@ -28,10 +28,12 @@ what compiled clean (AOT, sm_90 and sm_80, Triton 3.9, 64-row tiles, 8 warps, nu
 software pipelining of the tile loop kept prefetched tiles in registers and made ptxas
 serialise the wgmma, C7515), `ACT_GROUPS`: on sm_90 pairs of 64 × 64 layers for the
 activations whose f′ reads a (identity, leaky_relu, sigmoid, tanh; 192 registers at 4 layers,
-218 at 8), single ones for gelu, gelu_tanh, silu, softplus (f(z) recomputed in the sweep; pairs
-spilled); relu serialises the wgmma (C7514: its select reads the accumulator) and mish spills,
-so both take the split path there. On sm_80 single 64 × 64 layers (pairs at width 32) for the
-output-derived activations; the z-kept ones spill. Widths over 64 (a 128 × 128 accumulator is
+198 under Triton 3.6) up to 4 layers and single ones beyond (3.6 spilled pairs at 8 layers;
+singles 207 / 232), single ones for gelu, gelu_tanh, silu, softplus (f(z) recomputed in the
+sweep; pairs spilled); relu serialises the wgmma (C7514: its select reads the accumulator) and
+mish spills, so both take the split path there. On sm_80, up to 4 layers, single 64 × 64
+layers (pairs at width 32) for the output-derived activations (186 / 187); the z-kept ones
+spill (silu only under 3.6). Widths over 64 (a 128 × 128 accumulator is
 64 registers a thread at 8 warps) and float32 (FMA dots over register tiles) take the split
 path. (Measured by compiling, not by running: no GPU.)
 """

@@ -12,8 +12,11 @@ so `aot.check` also requires HGMMA in that loop, not serialised, and shared-memo
 enough slots. The two sweeps have no K-loop (a layer is one dot of K = width ≤ 128); their
 wgmma of layer l + 1 waits for layer l by data dependence (`layer_waits` counts those waits).
 
-The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`) is recorded where a launch
-takes it (`fused_mlp_acc.fits`). Known, and why the recorded networks avoid it: at width 128
+The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`, in layer groups) is recorded
+where a launch on that arch takes it (`fused_mlp_acc.fits`), with `ptxas_serialized`: whether
+the wheel's ptxas, run once more on its PTX, warns that it serialised the wgmma (C7514/C7515),
+which its data-dependent waits cannot show. Known, and why the recorded networks avoid it: at
+width 128
 the elementwise code of the gelu-class activations (gelu, gelu_tanh, silu, mish, softplus)
 over a 64 × 128 tile spills in the split δ sweep on sm_90 — ptxas schedules each operation
 over all 32 elements a thread holds; relu, leaky_relu, sigmoid, tanh at 128 and every

@@ -142,3 +142,22 @@ def test_group_programs_balance_the_dots() -> None:
     assert fused_mlp_acc.group_programs((0, 2, 4), 4, 1000, 132) == [82, 50]
     assert fused_mlp_acc.group_programs((0, 2, 4), 4, 10, 132) == [10, 10]
     assert fused_mlp_acc.group_programs((0, 1, 2, 3, 4), 4, 1000, 3) == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_resident_forward_takes_its_tiles_in_turn(dtype: torch.dtype, monkeypatch) -> None:
+    """The persistent forward (every Wᵀ loaded once per program) on 2 programs for 7 row
+    tiles: each program runs several tiles, the last one masked (then the accumulating
+    backward, which the launch takes for this stack)."""
+    monkeypatch.setattr(_utils, "num_sms", lambda device: 1)
+    model = _model([3, 32, 64, 2], "tanh", "identity", dtype)
+    assert fused_mlp.forward_resident(_plan([3, 32, 64, 2]), dtype)
+    _check(model, torch.randn(200, 3, device=DEVICE).to(dtype), dtype)
+
+
+def test_resident_forward_choice() -> None:
+    """16-bit stacks of widths ≤ 64 and ≤ 64 KB of weights run the resident forward; float32,
+    width 128 and larger stacks one tile per program."""
+    assert fused_mlp.forward_resident(_plan([2] + [64] * 7 + [3]), torch.bfloat16)  # 53 KB
+    assert not fused_mlp.forward_resident(_plan([2, 64, 64, 3]), torch.float32)
+    assert not fused_mlp.forward_resident(_plan([2, 128, 3]), torch.float16)

@@ -137,11 +137,15 @@ def test_group_choice_per_capability() -> None:
 
 def test_group_programs_balance_the_dots() -> None:
     """Programs in proportion to each group's dots per tile (its layers' δᵀh, and the δW of
-    every layer from the top down to its lowest), at least 1, at most the tiles."""
+    every layer from the top down to its lowest), rounded down (no more than the SMs), at
+    least 1, at most the tiles."""
     # 4 layers in pairs: the lower pair 2 + 3 dots, the upper 2 + 1
-    assert fused_mlp_acc.group_programs((0, 2, 4), 4, 1000, 132) == [82, 50]
+    assert fused_mlp_acc.group_programs((0, 2, 4), 4, 1000, 132) == [82, 49]
     assert fused_mlp_acc.group_programs((0, 2, 4), 4, 10, 132) == [10, 10]
     assert fused_mlp_acc.group_programs((0, 1, 2, 3, 4), 4, 1000, 3) == [1, 1, 1, 1]
+    for depth in range(1, 9):
+        bounds = tuple(range(depth + 1))
+        assert sum(fused_mlp_acc.group_programs(bounds, depth, 10**6, 132)) <= 132
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -27,7 +27,7 @@ The machine and its rates are `aot_inspect`'s (H100/H200 SXM, sm_90: 790 TFLOP/s
 * fused, where `fused_mlp_acc.fits` takes the stack on sm_90 (here widths 32 and 64: groups of
   2 layers for tanh, `fused_mlp_acc.group_bounds`): 3 launches — the forward, the accumulating
   sweep and the reduction. The sweep's programs (`group_programs`: in proportion to each
-  group's dots, 132 in all, so that the groups finish together) run group g's dots per tile:
+  group's dots, at most 132 in all, so that the groups finish together) run group g's dots per tile:
   its own layers' δᵀh and one δW for every layer from the top down to its lowest — Σ_g of them
   at η = 0.5 over the whole machine. HBM: ∂C/∂a, the L − 1 kept tensors and x once, plus the
   fp32 partials (programs × its group's W² + W): the groups of one row range read its tiles

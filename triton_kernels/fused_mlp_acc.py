@@ -220,7 +220,9 @@ def group_programs(bounds: tuple[int, ...], depth: int, tiles: int, sms: int) ->
     δW, and one δW for each layer above it — so that the groups finish together; each
     group gets at least 1 and at most `tiles`."""
     work = [(hi - lo) + (depth - 1 - lo) for lo, hi in zip(bounds, bounds[1:])]
-    return [max(1, min(tiles, round(sms * w / sum(work)))) for w in work]
+    # rounded down: Σ ≤ sms where every group can have one, so all programs are resident at
+    # once (one CTA an SM at these register counts) and none waits for a second wave
+    return [max(1, min(tiles, sms * w // sum(work))) for w in work]
 
 
 def fits(plan: Plan, capability: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> bool:

@@ -27,7 +27,10 @@ masked loads — the caller's tensors are never copied or padded. Padded columns
 f(0) (finite for every activation) multiplies zero weight rows; padded δ columns are 0.
 Layers are a `tl.static_range` loop over constexpr tuples (activation ids, padded widths, bias
 flags), so a network compiles to one kernel per (depth, widths, activations) — its shape is a
-model constant. The weights are re-read per row tile (from L2: at most 8·128·128 elements).
+model constant. The weights are re-read per row tile (from L2: at most 8·128·128 elements),
+except in the resident forward (`forward_resident`: 16-bit, widths ≤ 64): persistent programs
+load every Wᵀ once, before their loop over the row tiles, and Triton keeps them in shared
+memory (the loads and their shared-memory copies sit before the loop in the TTGIR, 3.6 and 3.9).
 
 No autograd here (DESIGN.md); :mod:`manualbp.ops.fused_mlp` wires these into the library.
 """

@@ -124,9 +124,8 @@ def _group_sweep(
     n_programs take its tiles in turn (tile pid + t · n_programs), so that every group sweeps
     the rows front to back at the same pace and the tiles one group reads are still in L2
     when the others read them."""
-    # Held top layer first (accs[j] is layer HI − 1 − j), the order the sweep rebuilds them in:
-    # a loop-carried tuple in any other order becomes register moves of the accumulators,
-    # and ptxas then serialises every wgmma (C7515).
+    # Held top layer first (accs[j] is layer HI − 1 − j), the order the sweep rebuilds them in,
+    # so that the tile loop carries the tuple as it is, with no reordering step.
     accs = ()
     sums = ()
     for i in tl.static_range(HI - 1, LO - 1, -1):

@@ -109,7 +109,7 @@ def _plan(sizes: list[int], act: str = "tanh") -> fused_mlp.Plan:
 
 def test_group_choice_per_capability() -> None:
     """sm_90: pairs of 64-wide layers for the activations whose f′ reads a, single ones for
-    those that recompute f(z), single ones beyond 4 layers; sm_80: single 64-wide layers
+    those that recompute f(z) up to 4 layers, single ones beyond 4 layers; sm_80: single 64-wide layers
     (pairs at 32) for the activations whose f′ reads a, at most 4 layers;
     the rest — float32,
     layers over 64 × 64, the activations that spill or serialise — take the split path."""
@@ -131,6 +131,8 @@ def test_group_choice_per_capability() -> None:
     assert fused_mlp_acc.fits(_plan([2, 64, 64, 3], "relu"), ampere)
     assert not fused_mlp_acc.fits(_plan([2, 64, 64, 3], "gelu"), ampere)
     assert not fused_mlp_acc.fits(_plan([2, 64, 64, 3], "silu"), ampere)
+    assert fused_mlp_acc.fits(_plan([2] + [64] * 3 + [3], "gelu"), hopper)
+    assert not fused_mlp_acc.fits(_plan([2] + [64] * 7 + [3], "gelu"), hopper)  # 8 layers
     assert fused_mlp_acc.fits(_plan([2] + [64] * 7 + [3]), hopper)
     assert not fused_mlp_acc.fits(_plan([2] + [64] * 7 + [3]), ampere)  # over 4 layers
 

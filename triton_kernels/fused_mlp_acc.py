@@ -29,9 +29,10 @@ software pipelining of the tile loop kept prefetched tiles in registers and made
 serialise the wgmma, C7515), `ACT_GROUPS`: on sm_90 pairs of 64 × 64 layers for the
 activations whose f′ reads a (identity, leaky_relu, sigmoid, tanh; 192 registers at 4 layers,
 198 under Triton 3.6) up to 4 layers and single ones beyond (3.6 spilled pairs at 8 layers;
-singles 207 / 232), single ones for gelu, gelu_tanh, silu, softplus (f(z) recomputed in the
-sweep; pairs spilled); relu serialises the wgmma (C7514: its select reads the accumulator) and
-mish spills, so both take the split path there. On sm_80, up to 4 layers, single 64 × 64
+singles 207 / 232), single ones for gelu, gelu_tanh, silu, softplus up to 4 layers (f(z)
+recomputed in the sweep; pairs spilled, and gelu at 8 layers of 64); relu serialises the
+wgmma (C7514: its select reads the accumulator) and mish spills, so both take the split path
+there. On sm_80, up to 4 layers, single 64 × 64
 layers (pairs at width 32) for the output-derived activations (186 / 187); the z-kept ones
 spill (silu only under 3.6). Widths over 64 (a 128 × 128 accumulator is
 64 registers a thread at 8 warps) and float32 (FMA dots over register tiles) take the split
@@ -59,17 +60,17 @@ from .fused_mlp import (
 from .fused_mlp_reduce import reduce_partials
 
 # Per capability and activation id, (Σ_l out_l · in_l padded, layers) of the group one program
-# may accumulate: what compiled without spills or serialised wgmma (module docstring). An id
+# may accumulate, and the deepest stack that takes the sweep (sm_90 gelu at 8 layers of 64 and
+# sm_80 tanh at 8 spilled): what compiled without spills or serialised wgmma. An id
 # missing here takes the split path (sm_90: relu, whose select serialises the wgmma, and mish;
 # sm_80: the activations computing f(z) in the sweep — silu spilled under Triton 3.6).
-_PAIR, _ONE = (2 * 64 * 64, 2), (64 * 64, 2)  # at width 64: 2 layers, 1 layer a group
+_PAIR, _ONE = (2 * 64 * 64, 2, 8), (64 * 64, 2, 4)  # width 64: 2 layers, 1 layer; most layers
 ACT_GROUPS = {
     90: {0: _PAIR, 2: _PAIR, 3: _PAIR, 4: _PAIR, 5: _ONE, 6: _ONE, 7: _ONE, 9: _ONE},
     80: {0: _ONE, 1: _ONE, 2: _ONE, 3: _ONE, 4: _ONE},
 }
 PAIRS_UP_TO = 4  # deeper stacks: one layer a group (sm_90 pairs at 8 layers: 2 spills on 3.6)
 MAX_WIDTH = 64  # a (64, 128) fp32 tile per live operand besides the accumulators: not tried
-MAX_LAYERS = {90: 8, 80: 4}  # sm_80 at 8 layers of 64: 255 registers, spills for tanh
 GPU_LAUNCH = {"BLOCK_M": 64, "num_warps": 8, "num_stages": 1}
 
 
@@ -189,10 +190,10 @@ def _group_sweep(
 def group_limits(plan: Plan, capability: tuple[int, int] | None) -> tuple[int, int] | None:
     """(accumulator elements, layers) one program may hold for this stack on this capability
     (None: the interpreter, which takes sm_90's), the tightest of its activations'; None where
-    one of them does not compile clean at all."""
+    one of them does not compile clean at all, or not at this depth."""
     table = ACT_GROUPS[90 if capability is None or capability >= (9, 0) else 80]
     limits = [table.get(a) for a in plan.acts]
-    if any(limit is None for limit in limits):
+    if any(lim is None or plan.depth > lim[2] for lim in limits):
         return None
     layers = min(lim[1] for lim in limits if lim) if plan.depth <= PAIRS_UP_TO else 1
     return min(lim[0] for lim in limits if lim), layers
@@ -227,11 +228,10 @@ def group_programs(bounds: tuple[int, ...], depth: int, tiles: int, sms: int) ->
 def fits(plan: Plan, capability: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> bool:
     """Whether the accumulating sweep takes this stack (it compiles without spills): 16-bit
     (float32's dots are FMA loops over register tiles, which spill beside the accumulators),
-    widths ≤ MAX_WIDTH, depth ≤ MAX_LAYERS, and every layer's accumulators fit a group of its
-    activations."""
+    widths ≤ MAX_WIDTH, and every layer's accumulators fit a group of its activations at this
+    depth (`ACT_GROUPS`)."""
     limits = group_limits(plan, capability)
-    hopper = capability is None or capability >= (9, 0)
-    if limits is None or dtype == torch.float32 or plan.depth > MAX_LAYERS[90 if hopper else 80]:
+    if limits is None or dtype == torch.float32:
         return False
     widest = max(plan.pad[i + 1] * plan.pad[i] for i in range(plan.depth))
     return max(plan.pad) <= MAX_WIDTH and widest <= limits[0]

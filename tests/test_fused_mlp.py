@@ -49,7 +49,7 @@ def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     arithmetic does not depend on them); 3 "SMs", so several programs' partials are reduced
     and a program may get tiles past the last row. Checks that the path ran."""
     monkeypatch.setattr(_utils, "num_sms", lambda device: 3)
-    monkeypatch.setattr(fused_mlp_acc, "fits", lambda plan: request.param == "accumulate")
+    monkeypatch.setattr(fused_mlp_acc, "fits", lambda plan, *_: request.param == "accumulate")
     module, name = (fused_mlp, "mlp_backward") if request.param == "split" else (
         fused_mlp_acc, "mlp_backward_accumulated")
     real, calls = getattr(module, name), []
@@ -207,17 +207,19 @@ def test_create_graph_second_order() -> None:
 
 
 def test_accumulating_path_is_taken_for_small_stacks() -> None:
-    """Which stacks a launch gives the accumulating sweep (the AOT-clean ones)."""
+    """Which stacks a launch gives the accumulating sweep (the AOT-clean ones; the group sizes
+    are tests/test_fused_mlp_groups.py's)."""
     from manualbp.triton_kernels.activations import ACTIVATION_IDS as ids
 
     def plan(sizes, act):
         depth = len(sizes) - 1
         return fused_mlp.Plan(sizes, [ids[act]] * (depth - 1) + [0], [0.01] * depth, [True] * depth)
 
-    assert fused_mlp_acc.fits(plan([2, 64, 3], "silu")) and fused_mlp_acc.fits(plan([32, 32, 32], "tanh"))
-    assert not fused_mlp_acc.fits(plan([64, 64, 64], "tanh"))  # 8192 accumulators
-    assert not fused_mlp_acc.fits(plan([2, 32, 32, 3], "tanh"))  # 3 layers
-    assert not fused_mlp_acc.fits(plan([32, 32, 32], "mish"))
+    for capability in ((9, 0), (8, 0)):
+        assert fused_mlp_acc.fits(plan([2, 64, 3], "sigmoid"), capability)
+        assert fused_mlp_acc.fits(plan([2] + [64] * 3 + [3], "tanh"), capability)
+        assert not fused_mlp_acc.fits(plan([2, 128, 3], "tanh"), capability)  # 16384 accumulators
+        assert not fused_mlp_acc.fits(plan([32, 32, 32], "mish"), capability)
 
 
 def test_functional_entry_matches_module() -> None:

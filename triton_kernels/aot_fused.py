@@ -12,8 +12,11 @@ so `aot.check` also requires HGMMA in that loop, not serialised, and shared-memo
 enough slots. The two sweeps have no K-loop (a layer is one dot of K = width ≤ 128); their
 wgmma of layer l + 1 waits for layer l by data dependence (`layer_waits` counts those waits).
 
-The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`) is recorded where a launch
-takes it (`fused_mlp_acc.fits`). Known, and why the recorded networks avoid it: at width 128
+The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`, in layer groups) is recorded
+where a launch on that arch takes it (`fused_mlp_acc.fits`), with `ptxas_serialized`: whether
+the wheel's ptxas, run once more on its PTX, warns that it serialised the wgmma (C7514/C7515),
+which its data-dependent waits cannot show. Known, and why the recorded networks avoid it: at
+width 128
 the elementwise code of the gelu-class activations (gelu, gelu_tanh, silu, mish, softplus)
 over a 64 × 128 tile spills in the split δ sweep on sm_90 — ptxas schedules each operation
 over all 32 elements a thread holds; relu, leaky_relu, sigmoid, tanh at 128 and every
@@ -23,34 +26,40 @@ activation at ≤ 64 do not. A spill costs speed, not correctness.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from . import aot_variants
 
 # (dtype, input width, hidden width, depth, output width, activation, bias): small input and
 # output widths (a coordinate net, 2 → 3) exercise the in-kernel padding.
+# The accumulating sweep's groups (fused_mlp_acc.ACT_GROUPS): on sm_90 tanh at width 64 takes
+# pairs of layers up to 4 layers and single ones beyond, silu single ones; on sm_80 single
+# 64-wide layers, up to 4.
 NETS_CI = {
-    90: [("bf16", 2, 64, 4, 3, "silu", True), ("fp16", 128, 128, 4, 128, "relu", False),
-         ("bf16", 2, 64, 2, 3, "silu", True)],
-    80: [("bf16", 2, 64, 2, 3, "silu", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
+    90: [("bf16", 2, 64, 4, 3, "tanh", True), ("fp16", 128, 128, 4, 128, "relu", False),
+         ("bf16", 2, 64, 8, 3, "tanh", True)],
+    80: [("bf16", 2, 64, 4, 3, "tanh", True), ("fp32", 32, 32, 2, 32, "tanh", True)],
 }
 _EXTRA = [("bf16", 64, 64, 8, 64, "gelu", True), ("fp16", 32, 32, 4, 1, "mish", True),
           ("bf16", 3, 128, 8, 1, "tanh", True), ("fp16", 64, 64, 2, 64, "gelu", False),
-          ("fp16", 32, 32, 2, 32, "mish", False)]
+          ("fp16", 32, 32, 2, 32, "mish", False), ("bf16", 2, 64, 4, 3, "silu", True),
+          ("fp16", 32, 32, 8, 32, "sigmoid", False), ("bf16", 2, 64, 4, 3, "relu", True),
+          ("bf16", 2, 64, 4, 3, "softplus", True)]
 NETS_FULL = {arch: [*dict.fromkeys([*NETS_CI[90], *NETS_CI[80], *_EXTRA])] for arch in NETS_CI}
 SWEEPS = ("mlp_forward", "mlp_backward", "mlp_backward_acc")
 KERNELS = (*SWEEPS, "mlp_grad_weight", "mlp_reduce")
 
 
-def kernels_of(net: tuple) -> tuple[str, ...]:
-    """What a training step of `net` launches besides the reduction: the forward, and the
-    accumulating δ sweep where its accumulators fit (`fused_mlp_acc.fits`), else the split
-    δ sweep and the weight-gradient loop."""
+def kernels_of(net: tuple, arch: int) -> tuple[str, ...]:
+    """What a training step of `net` launches on `arch` besides the reduction: the forward,
+    and the accumulating δ sweep where it takes the stack (`fused_mlp_acc.fits`), else the
+    split δ sweep and the weight-gradient loop."""
     from . import fused_mlp, fused_mlp_acc
     from .activations import ACTIVATION_IDS
 
     acts = [ACTIVATION_IDS[net[5]]] * (net[3] - 1) + [0]  # as _call_launchers builds it
     plan = fused_mlp.Plan(_dims(net), acts, [0.0] * net[3], [net[6]] * net[3])
-    if fused_mlp_acc.fits(plan):
+    if fused_mlp_acc.fits(plan, (arch // 10, arch % 10), _torch_dtype(net[0])):
         return ("mlp_forward", "mlp_backward_acc")
     return ("mlp_forward", "mlp_backward", "mlp_grad_weight")
 
@@ -72,7 +81,7 @@ def variants(archs=aot_variants.ARCHS, selection: str = "ci") -> list[tuple[aot_
     for arch in archs:
         nets = (NETS_FULL if selection == "full" else NETS_CI).get(arch, NETS_CI[90])
         for net in nets:
-            for kernel in kernels_of(net):
+            for kernel in kernels_of(net, arch):
                 config = _config_name(kernel, net, arch)
                 gemm = kernel == "mlp_grad_weight" and _wgmma_wide(net)
                 out.append((aot_variants.Variant(kernel, arch, net[0], net[5], _flags(net), config, gemm), 0))
@@ -100,7 +109,7 @@ def _config_name(kernel: str, net: tuple, arch: int) -> str:
         from . import fused_mlp_acc
 
         c = fused_mlp_acc.GPU_LAUNCH
-        return f"{c['BLOCK_M']} w{c['num_warps']}"
+        return f"{c['BLOCK_M']} w{c['num_warps']} s{c['num_stages']}"
     c = fused_mlp.gpu_launch(width, kernel.removeprefix("mlp_"))
     return f"{c['BLOCK_M']} w{c['num_warps']}"
 
@@ -137,7 +146,8 @@ def _call_launchers(variant: aot_variants.Variant) -> None:
     plan = fused_mlp.Plan(dims, acts, [0.01] * depth, [bias] * depth)
     x = torch.empty((M, dims[0]), dtype=dt)
     out, kept = fused_mlp.mlp_forward(x, ws, bs, plan)
-    backward = fused_mlp_acc.mlp_backward_accumulated if fused_mlp_acc.fits(plan) else fused_mlp.mlp_backward
+    accumulate = fused_mlp_acc.fits(plan, (variant.arch // 10, variant.arch % 10), dt)
+    backward = fused_mlp_acc.mlp_backward_accumulated if accumulate else fused_mlp.mlp_backward
     backward(out, x, ws, kept, plan, need_x=False, need_weight=[True] * depth, need_bias=[True] * depth)
 
 
@@ -179,6 +189,8 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
         fields, sass = aot_inspect.cubin_record(kernel)
         record.update(fields)
         record["layer_waits"] = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", sass))
+        if variant.kernel == "mlp_backward_acc" and variant.arch >= 90:
+            record["ptxas_serialized"] = ptxas_serializes(kernel.asm["ptx"], variant.arch)
         record["model"] = None
         record["error"] = None
     except Exception as err:  # recorded so that one failure does not hide the others
@@ -187,10 +199,31 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
     return record
 
 
+def ptxas_serializes(ptx: str, arch: int) -> bool:
+    """Whether ptxas warns that it serialised the wgmma (C7514/C7515: a non-wgmma instruction
+    reads or defines an accumulator inside a wgmma pipeline stage — every HGMMA then waits for
+    the one before). The sweeps' waits are data dependences and cannot tell this apart, so
+    the PTX goes through the wheel's ptxas once more with its messages kept."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return "serialized" in done.stdout + done.stderr
+
+
 def check(record: dict) -> list[str]:
-    """The sweeps' own check beyond `aot.check`: a 16-bit sweep on sm_90 uses wgmma."""
+    """The sweeps' own checks beyond `aot.check`: a 16-bit sweep on sm_90 uses wgmma, and the
+    accumulating sweep's is not serialised by ptxas."""
     if record["error"] or record["kernel"] not in SWEEPS:
         return []
     if record["arch"] >= 90 and record["dtype"] != "fp32" and not record["hgmma"]:
         return ["no HGMMA in the SASS of a 16-bit fused sweep on sm_90"]
+    if record.get("ptxas_serialized"):
+        return ["ptxas serialised the wgmma of the accumulating sweep (C7514/C7515)"]
     return []

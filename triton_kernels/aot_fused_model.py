@@ -23,10 +23,18 @@ The machine and its rates are `aot_inspect`'s (H100/H200 SXM, sm_90: 790 TFLOP/s
   layer: min(132, M / 256) programs) and one fixed-order reduction of all partials. The
   weights are re-read per row tile from L2 (BLOCK_M rows: 128 at width ≤ 64, 64 at 128). The
   sweeps run their per-tile chain of dependent dots at η = 0.5 of peak (one wgmma wait a
-  layer), the weight-gradient loop at 0.85. Where `fused_mlp_acc.fits` takes the stack (2
-  layers of width 32 here) the backward is instead the accumulating sweep — one program per
-  SM reads ∂C/∂a, the kept tensors and x once and keeps every ∇W on chip — and a reduction:
-  3 launches.
+  layer), the weight-gradient loop at 0.85;
+* fused, where `fused_mlp_acc.fits` takes the stack on sm_90 (here widths 32 and 64: groups of
+  2 layers for tanh, `fused_mlp_acc.group_bounds`): 3 launches — the forward, the accumulating
+  sweep and the reduction. The sweep's programs (`group_programs`: in proportion to each
+  group's dots, at most 132 in all, so that the groups finish together) run group g's dots per tile:
+  its own layers' δᵀh and one δW for every layer from the top down to its lowest — Σ_g of them
+  at η = 0.5 over the whole machine. HBM: ∂C/∂a, the L − 1 kept tensors and x once, plus the
+  fp32 partials (programs × its group's W² + W): the groups of one row range read its tiles
+  at about the same time (tiles taken in turn, every group at the same pace), so a tile's
+  reads after the first are L2 hits, counted as L2 bytes with the weights (read once per
+  program: resident in shared memory, fused_mlp_acc.py). The reduction reads the partials
+  and writes the gradients.
 ±10 % on the rates, and nothing here was measured: no GPU was at hand.
 """
 
@@ -34,12 +42,15 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from .aot_inspect import BANDWIDTH, BASE, CUBLAS_EFFICIENCY, PEAK_FLOPS, SMS
 
 LAUNCH_S = 5e-6
 L2_BANDWIDTH = 10e12
 ETA_SWEEP = 0.5
 ESIZE = 2  # bf16
+CAPABILITY = (9, 0)  # the modelled machine: its groups (`fused_mlp_acc.group_limits`)
 WIDTHS, DEPTHS, ROWS = (32, 64, 128), (2, 4, 8), (2**12, 2**16, 2**18)
 
 
@@ -71,13 +82,39 @@ def fused_step(width: int, depth: int, rows: int) -> float:
     return sum(fused_kernels(width, depth, rows).values())
 
 
-def accumulates(width: int, depth: int) -> bool:
-    """Whether the step's backward is the accumulating sweep (`fused_mlp_acc.fits`, for the
-    modelled stack: tanh hidden layers, identity output)."""
-    from . import fused_mlp, fused_mlp_acc
+def _plan(width: int, depth: int):
+    from . import fused_mlp
 
-    acts = [4] * (depth - 1) + [0]
-    return fused_mlp_acc.fits(fused_mlp.Plan([width] * (depth + 1), acts, [0.0] * depth, [True] * depth))
+    acts = [4] * (depth - 1) + [0]  # tanh hidden layers, identity output
+    return fused_mlp.Plan([width] * (depth + 1), acts, [0.0] * depth, [True] * depth)
+
+
+def accumulates(width: int, depth: int) -> bool:
+    """Whether the step's backward is the accumulating sweep (`fused_mlp_acc.fits` on sm_90,
+    for the modelled stack)."""
+    from . import fused_mlp_acc
+
+    return fused_mlp_acc.fits(_plan(width, depth), CAPABILITY)
+
+
+def accumulating_sweep(width: int, depth: int, rows: int) -> tuple[float, float]:
+    """(sweep, reduction) seconds of the accumulating backward (module docstring)."""
+    from . import fused_mlp_acc
+
+    M, W, L, e = rows, width, depth, ESIZE
+    bounds = fused_mlp_acc.group_bounds(_plan(width, depth), CAPABILITY)
+    tiles = -(-M // 64)
+    programs = fused_mlp_acc.group_programs(bounds, L, tiles, SMS)
+    groups = list(zip(bounds, bounds[1:]))
+    dots = sum((hi - lo) + (L - 1 - lo) for lo, hi in groups)  # δᵀh of its layers, δW down to them
+    tensor = M * W * e
+    # each group reads ∂C/∂a and the kept tensors down to its lowest layer (x for the first)
+    reads = sum(1 + (L - max(lo, 1)) + (lo == 0) for lo, _ in groups)
+    partials = sum(p * (hi - lo) * (W * W + W) * 4 for p, (lo, hi) in zip(programs, groups))
+    weights = sum(n * (L - lo) * W * W * e for n, (lo, _) in zip(programs, groups))  # resident
+    sweep = _kernel(dots * 2 * M * W * W, ETA_SWEEP, (L + 1) * tensor + partials, reads * tensor + weights)
+    reduce = _kernel(0, 1, partials + L * (W * W + W) * e)
+    return sweep, reduce
 
 
 def fused_kernels(width: int, depth: int, rows: int, accumulate: bool | None = None) -> dict[str, float]:
@@ -88,14 +125,13 @@ def fused_kernels(width: int, depth: int, rows: int, accumulate: bool | None = N
     weight_bytes = L * W * W * e
     flops_layer = 2 * M * W * W
     # forward: x in, L kept tensors out (the identity last layer's is the output)
-    forward = _kernel(L * flops_layer, ETA_SWEEP, (M * W + L * M * W) * e, tiles_fw * weight_bytes)
+    from . import fused_mlp
+
+    resident = fused_mlp.forward_resident(_plan(width, depth), torch.bfloat16)
+    weight_reads = min(tiles_fw, fused_mlp.PROGRAMS_PER_SM * SMS) if resident else tiles_fw
+    forward = _kernel(L * flops_layer, ETA_SWEEP, (M * W + L * M * W) * e, weight_reads * weight_bytes)
     if accumulates(width, depth) if accumulate is None else accumulate:
-        # one program per SM: ∂C/∂a, the L − 1 kept tensors and x in, nothing per row out
-        programs = min(SMS, tiles_bw)
-        partials = programs * L * (W * W + W) * 4
-        backward = _kernel((2 * L - 1) * flops_layer, ETA_SWEEP, (M * W + (L - 1) * M * W + M * W) * e
-                           + partials, tiles_bw * weight_bytes)  # fmt: skip
-        reduce = _kernel(0, 1, partials + L * (W * W + W) * e)
+        backward, reduce = accumulating_sweep(width, depth, rows)
         return {"mlp_forward": forward, "mlp_backward_acc": backward, "mlp_reduce": reduce}
     # δ sweep: ∂C/∂a and L − 1 kept tensors in, L δ out, bias partials (fp32)
     backward = _kernel((L - 1) * flops_layer, ETA_SWEEP, (M * W + (L - 1) * M * W + L * M * W) * e
@@ -136,15 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- 2^{rows.bit_length() - 1} rows: {ratio:.2f}× against the goal ≥ {goal:g}× ({verdict})")
     parts = fused_kernels(64, 4, 2**18)
     print("\nWhere the fused step's time goes at width 64, 4 layers, 2^18 rows (µs): "
-          + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in parts.items()) + ". At these widths every")
-    print("kernel is bound by HBM: the δ sweep writes every δ once and the weight-gradient loop")
-    print("reads it back with the layer inputs. The accumulating sweep (`fused_mlp_acc.py`) removes")
-    print("that round trip, but compiles without spills only for 2 layers of ≤ 4096 accumulators")
-    print("(here: width 32, 2 layers); at 4 layers ptxas spills at any width. Making it hold 4")
-    print("layers (fewer tiles live across the unrolled sweep) is what the ≥ 3× goal needs:")
+          + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in parts.items()) + ".")
+    print("The backward is the accumulating sweep in groups of 2 layers (sm_90, tanh): no δ goes")
+    print("to memory; it is bound by its dots (each group also carries δ through the layers")
+    print("above it). Width 128 takes the split path (a 128 × 128 fp32 accumulator a layer).")
+    print("For comparison, the split path (4 launches) at width 64, 4 layers:")
     for rows in (2**18, 2**12):
-        what_if = eager_step(64, 4, rows) / sum(fused_kernels(64, 4, rows, accumulate=True).values())
-        print(f"modelled with it at width 64, 4 layers, 2^{rows.bit_length() - 1} rows: {what_if:.2f}×.")
+        split = eager_step(64, 4, rows) / sum(fused_kernels(64, 4, rows, accumulate=False).values())
+        print(f"- 2^{rows.bit_length() - 1} rows: {split:.2f}×")
     return 0
 
 

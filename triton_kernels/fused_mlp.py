@@ -16,17 +16,21 @@ h_0 = x (M, d_0):
     mlp_grad_weight_kernel  ∇W_l = δ_lᵀ h_l for every layer: program p reduces its own range of
                             rows into an fp32 partial (one K-loop over rows per layer, δ tile
                             loaded transposed straight from memory, no atomics).
-    mlp_reduce_kernel       Σ_p partial[p] in a fixed order, cast to the parameter dtype: the
-                            deterministic cross-program reduction of the weight and the bias
-                            partials, both in one launch (the same inputs give bitwise-identical
-                            gradients). A training step is 4 launches in all.
+    mlp_reduce_kernel       Σ_p partial[p] in a fixed order, cast to the parameter dtype
+                            (fused_mlp_reduce.py): the deterministic cross-program reduction
+                            of the weight and the bias partials, both in one launch (the same
+                            inputs give bitwise-identical gradients). A training step is 4
+                            launches in all.
 
 Widths: every d_l is padded inside the kernels to a power of two ≥ 16 (the dot's minimum) with
 masked loads — the caller's tensors are never copied or padded. Padded columns of z are 0, so
 f(0) (finite for every activation) multiplies zero weight rows; padded δ columns are 0.
 Layers are a `tl.static_range` loop over constexpr tuples (activation ids, padded widths, bias
 flags), so a network compiles to one kernel per (depth, widths, activations) — its shape is a
-model constant. The weights are re-read per row tile (from L2: at most 8·128·128 elements).
+model constant. The weights are re-read per row tile (from L2: at most 8·128·128 elements),
+except in the resident forward (`forward_resident`: 16-bit, widths ≤ 64): persistent programs
+load every Wᵀ once, before their loop over the row tiles, and Triton keeps them in shared
+memory (the loads and their shared-memory copies sit before the loop in the TTGIR, 3.6 and 3.9).
 
 No autograd here (DESIGN.md); :mod:`manualbp.ops.fused_mlp` wires these into the library.
 """
@@ -40,9 +44,12 @@ import triton.language as tl
 from . import _utils
 from ._utils import INTERPRET, check_device, downcast, input_precision, needs_upcast, upcast
 from .activations import act_fn, act_grad, check_act_id, uses_output
+from .fused_mlp_reduce import mlp_reduce_kernel, reduce_partials  # noqa: F401  (fused_mlp.X)
 
 MAX_WIDTH = 128  # registers: a (BLOCK_M, 128) fp32 tile per live operand
 MAX_DEPTH = 8
+RESIDENT_BYTES = 64 * 1024  # the forward's weights held in shared memory (forward_resident)
+PROGRAMS_PER_SM = 2  # the resident forward's persistent programs
 
 
 @triton.jit
@@ -86,7 +93,7 @@ def _weight_tile(w_ptr, stride_wn, stride_wk, n_out, n_in, RP: tl.constexpr, CP:
 @triton.jit
 def mlp_forward_kernel(
     x_ptr, w_ptrs, b_ptrs, kept_ptrs, out_ptr,
-    M, dims,
+    M, dims, n_tiles,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_kept, stride_om,
@@ -96,16 +103,46 @@ def mlp_forward_kernel(
     ACTS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE: tl.constexpr,
+    RESIDENT_W: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    rows = _rows(tl.program_id(0), BLOCK_M)
+    """One row tile per program; or with RESIDENT_W persistent: every Wᵀ loaded once per
+    program before its loop over the tiles pid, pid + P, … (P programs)."""
+    pid = tl.program_id(0)
+    if RESIDENT_W:
+        ws = ()
+        for i in tl.static_range(L):
+            ws = ws + (_weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
+                                    PAD[i], PAD[i + 1], True),)  # type: ignore[assignment]  # fmt: skip
+        programs = tl.num_programs(0)
+        for t in range(tl.cdiv(n_tiles - pid, programs)):
+            _forward_tile(x_ptr, w_ptrs, ws, b_ptrs, kept_ptrs, out_ptr, _rows(pid + t * programs, BLOCK_M),
+                          M, dims, stride_xm, stride_xk, stride_wn, stride_wk, stride_kept, stride_om, slopes,
+                          L, PAD, ACTS, HAS_BIAS, STORE, RESIDENT_W, UPCAST, INPUT_PRECISION)  # fmt: skip
+    else:
+        _forward_tile(x_ptr, w_ptrs, (), b_ptrs, kept_ptrs, out_ptr, _rows(pid, BLOCK_M),
+                      M, dims, stride_xm, stride_xk, stride_wn, stride_wk, stride_kept, stride_om, slopes,
+                      L, PAD, ACTS, HAS_BIAS, STORE, RESIDENT_W, UPCAST, INPUT_PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _forward_tile(
+    x_ptr, w_ptrs, ws, b_ptrs, kept_ptrs, out_ptr, rows,
+    M, dims, stride_xm, stride_xk, stride_wn, stride_wk, stride_kept, stride_om, slopes,
+    L: tl.constexpr, PAD: tl.constexpr, ACTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE: tl.constexpr, RESIDENT_W: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
     h = _load_tile(x_ptr, rows, stride_xm, stride_xk, M, dims[0], PAD[0], UPCAST)
     h = downcast(h, x_ptr.dtype.element_ty, UPCAST)
     for i in tl.static_range(L):
-        w = _weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
-                         PAD[i], PAD[i + 1], True)  # fmt: skip
+        if RESIDENT_W:
+            w = ws[i]
+        else:
+            w = _weight_tile(w_ptrs[i], stride_wn[i], stride_wk[i], dims[i + 1], dims[i],
+                             PAD[i], PAD[i + 1], True)  # fmt: skip
         z = tl.dot(upcast(h, UPCAST), upcast(w, UPCAST), input_precision=INPUT_PRECISION)
         if HAS_BIAS[i]:
             n = tl.arange(0, PAD[i + 1])
@@ -212,38 +249,11 @@ def mlp_grad_weight_kernel(
             tl.store(ptrs, acc, mask=mask)
 
 
-@triton.jit
-def _reduce_set(part_ptr, out_ptrs, sizes, part_offs, n_parts, stride_part, c, L: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    for i in tl.static_range(L):
-        mask = c < sizes[i]
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for p in range(n_parts):  # a fixed order: deterministic
-            acc += tl.load(part_ptr + p * stride_part + part_offs[i] + c, mask=mask, other=0.0)
-        tl.store(out_ptrs[i] + c, downcast(acc, out_ptrs[i].dtype.element_ty, UPCAST), mask=mask)
-
-
-@triton.jit
-def mlp_reduce_kernel(
-    w_part_ptr, w_ptrs, w_sizes, w_offs, w_parts, stride_w_part,
-    b_part_ptr, b_ptrs, b_sizes, b_offs, b_parts, stride_b_part,
-    L: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Both reductions in one launch: the weight partials (one row per weight-gradient program)
-    and the bias partials (one row per δ-sweep program)."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    _reduce_set(w_part_ptr, w_ptrs, w_sizes, w_offs, w_parts, stride_w_part, c, L, UPCAST, BLOCK)
-    _reduce_set(b_part_ptr, b_ptrs, b_sizes, b_offs, b_parts, stride_b_part, c, L, UPCAST, BLOCK)
-
-
 # ------------------------------------------------------------------------------------ launchers
 
 # Launch shapes. None has run on a GPU; each is compiled for sm_90 and sm_80 and checked not to
 # spill (aot_fused.py). Wider layers hold more of the (BLOCK_M, width) fp32 tiles in registers.
 INTERPRETER_BLOCK_M = 32
-REDUCE_BLOCK = 256
 
 
 def gpu_launch(width: int, kernel: str = "forward") -> dict:
@@ -310,6 +320,16 @@ def check_plan(dims: tuple[int, ...], depth: int) -> None:
         )
 
 
+def forward_resident(plan: Plan, dtype: torch.dtype) -> bool:
+    """Whether the forward runs persistent with every Wᵀ loaded once per program (kept in
+    shared memory by Triton 3.6 and 3.9: the loads and their shared-memory copies sit before
+    the tile loop in the TTGIR; AOT-checked clean at widths ≤ 64): 16-bit stacks of widths
+    ≤ 64 whose weights fit RESIDENT_BYTES (float32's FMA dots would hold them in registers;
+    width 128 was not compiled resident)."""
+    size = sum(plan.pad[i] * plan.pad[i + 1] for i in range(plan.depth)) * 2
+    return dtype != torch.float32 and max(plan.pad) <= 64 and size <= RESIDENT_BYTES
+
+
 def mlp_forward(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -332,16 +352,19 @@ def mlp_forward(
         return out, kept
     block = plan.block()
     kept_t = tuple(k if k is not None else out for k in kept)  # stand-ins are never written
-    grid = (triton.cdiv(M, block["BLOCK_M"]),)
+    tiles = triton.cdiv(M, block["BLOCK_M"])
+    resident = forward_resident(plan, dt)
+    grid = (min(tiles, PROGRAMS_PER_SM * _utils.num_sms(x.device)) if resident else tiles,)
     _utils.traceable(mlp_forward_kernel)[grid](
         x, tuple(weights), tuple(b if b is not None else w for b, w in zip(biases, weights)), kept_t, out,
-        M, plan.dims,
+        M, plan.dims, tiles,
         x.stride(0), x.stride(1),
         tuple(w.stride(0) for w in weights), tuple(w.stride(1) for w in weights),
         tuple(k.stride(0) for k in kept_t), out.stride(0),
         plan.slopes,
         HAS_BIAS=plan.has_bias,
         STORE=tuple(k is not None for k in kept),
+        RESIDENT_W=resident,
         **plan.flags(dt),
         **block,
     )  # fmt: skip
@@ -455,29 +478,3 @@ def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]
             **({} if INTERPRET else {k: v for k, v in launch.items() if k != "BLOCK_M"}),
         )  # fmt: skip
     return grads, (part, programs, grads, offs, sizes)
-
-
-def reduce_partials(weight_set: tuple, bias_set: tuple, dt: torch.dtype) -> None:
-    """outs[l] (contiguous) = Σ_p part[p, offs[l] : offs[l] + sizes[l]] for both sets
-    (part, n_parts, outs, offs, sizes), in a fixed order, in one launch."""
-    args = []
-    widest = 0
-    for part, n_parts, outs, offs, sizes in (weight_set, bias_set):
-        sizes = [s if o is not None else 0 for s, o in zip(sizes, outs)]
-        if n_parts == 0:  # no rows: every gradient is 0
-            for o in outs:
-                if o is not None:
-                    o.zero_()
-            sizes = [0] * len(sizes)
-        widest = max(widest, *sizes)
-        stand_in = bias_set[0]  # never written: its sizes are 0
-        part = part if part is not None else stand_in
-        outs_t = tuple(o if o is not None else stand_in for o in outs)
-        args += [part, outs_t, tuple(sizes), offs[:-1], n_parts, part.stride(0)]
-    if widest == 0:
-        return
-    grid = (triton.cdiv(widest, REDUCE_BLOCK),)
-    _utils.traceable(mlp_reduce_kernel)[grid](
-        *args, L=len(weight_set[2]), UPCAST=needs_upcast(dt), BLOCK=REDUCE_BLOCK,
-        **({} if INTERPRET else {"num_warps": 4}),
-    )  # fmt: skip

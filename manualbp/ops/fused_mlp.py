@@ -67,12 +67,15 @@ def _kernels() -> Any:
     return kernels
 
 
-def _backward_kernels(kplan: Any) -> Any:
+def _backward_kernels(kplan: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """The backward launcher for the stack: the accumulating sweep (∇W on chip, 2 launches)
-    where its accumulators fit, else the split one (δ sweep, weight-gradient loop, reduction)."""
-    from manualbp.triton_kernels import fused_mlp_acc
+    where it compiles clean for the device's capability, else the split one (δ sweep,
+    weight-gradient loop, reduction)."""
+    from manualbp.triton_kernels import _utils, fused_mlp_acc
 
-    return fused_mlp_acc.mlp_backward_accumulated if fused_mlp_acc.fits(kplan) else _kernels().mlp_backward
+    if fused_mlp_acc.fits(kplan, _utils.gemm_capability(device), dtype):
+        return fused_mlp_acc.mlp_backward_accumulated
+    return _kernels().mlp_backward
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class FusedMLPFunction(PositionalFunction):
         if plan.acts[-1].uses_output:
             kept[-1] = last
         wants = _wants(plan, ctx.needs_input_grad[2:])
-        grad_x, grad_w, grad_b = _backward_kernels(kplan)(
+        grad_x, grad_w, grad_b = _backward_kernels(kplan, x.device, x.dtype)(
             grad_out, x, weights, [k if k is None or k.dim() == 2 else None for k in kept], kplan,
             need_x=bool(ctx.needs_input_grad[0]),
             need_weight=[w for w, _ in wants], need_bias=[b for _, b in wants],

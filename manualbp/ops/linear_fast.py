@@ -34,7 +34,7 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead  # a tensor left by a finis
 
 def fast_linear(x: Any, weight: Tensor, bias: Tensor | None, act: Activation) -> Tensor | None:
     """f(x Wᵀ + b) on the fast path, or None when the call is not a plain fast-path one."""
-    if x.__class__ is not Tensor or not x.is_cpu or x.dtype not in fast.FAST_DTYPES:
+    if x.__class__ is not Tensor or not x.is_cpu or x.dtype not in fast.NETWORK_DTYPES:
         return None
     shape, dtype = x.shape, x.dtype
     if not shape or weight.__class__ not in _PLAIN or weight.dtype is not dtype or not weight.is_cpu:

@@ -16,11 +16,13 @@ step cheap, and nothing else:
 It runs only where it means what the reference means and is cheaper: CPU tensors of float32
 and float64, first order (the Functions take the differentiable reference path when grad mode
 is on in backward), and never under torch.func transforms (the entry points pick the reference
-backend there). The network-mode MLP also runs it for bfloat16 (:func:`network_ok`): ATen's
-bfloat16 kernels, rounding as native autograd rounds — z after the GEMM, then f(z); δ after the
-GEMM, then after f′ (exact for relu) — where the reference computes each layer in float32 and
-rounds once. Both are held to native within the bfloat16 tolerances. The single layer keeps the
-reference for 16-bit storage: it promises one rounding of f(x Wᵀ + b) (tests/test_autocast.py).
+backend there). The network-mode MLP and the single layer's fast node
+(:mod:`manualbp.ops.linear_fast`) also run it for bfloat16 (:func:`network_ok`): ATen's bfloat16
+kernels, rounding as native autograd rounds — z after the GEMM, then f(z); δ after the GEMM,
+then after f′ (exact for relu) — where the reference computes each layer in float32 and rounds
+once (float16 storage, and the general path, still do). Both are held to native within the
+bfloat16 tolerances; under autocast the layer keeps the reference's one rounding of
+f(x Wᵀ + b) from bfloat16 operands (tests/test_autocast.py).
 """
 
 from __future__ import annotations

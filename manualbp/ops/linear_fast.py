@@ -1,7 +1,7 @@
 """The eager CPU fast path of one layer a = f(x Wᵀ + b), for the modules `Linear` and `LinearAct`.
 
 :func:`manualbp.ops.linear_act.linear` is general: any backend, autocast, torch.compile, torch.func
-transforms, clear errors for every wrong argument. For a plain CPU call on the fast dtypes
+transforms, clear errors for every wrong argument. For a plain CPU call of float32, float64 or bfloat16
 (:mod:`manualbp.backends.fast`) most of that is settled by a few attribute reads, and the node
 needs one output, not two. :func:`fast_linear` makes those reads and, when they all hold, runs
 :class:`FastLinearActFunction`; otherwise it returns None and the caller runs `linear`, which

@@ -13,14 +13,20 @@ import torch
 
 import manualbp as mbp
 
-from .helpers import TOL, rel_err
-
 pytest.importorskip("triton")
 
 from manualbp.triton_kernels import _utils, fused_mlp, fused_mlp_acc  # noqa: E402
 from manualbp.triton_kernels.activations import ACTIVATION_IDS  # noqa: E402
 
-from .test_fused_mlp import DEVICE, _check, _model, _native, _poison, pytestmark  # noqa: E402, F401
+from .test_fused_mlp import (  # noqa: E402, F401
+    DEVICE,
+    _check,
+    _check_frozen_layer_and_reruns,
+    _model,
+    _native,
+    _poison,
+    pytestmark,
+)
 
 ACTS = list(mbp.ACTIVATIONS)
 
@@ -83,22 +89,7 @@ def test_groups_partial_gradients_and_bitwise_reruns(grouped) -> None:
     with a layer that accumulates nothing, no ∇x): the rest match float64, and two backward
     passes give bitwise-identical gradients."""
     grouped(2)
-    model = _model([4, 20, 20, 20, 20, 3], "silu", "identity", torch.float32)
-    model.layers[2].requires_grad_(False)
-    x = torch.randn(70, 4, device=DEVICE)
-    grads = []
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        model(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    assert all(p.grad is None for p in model.layers[2].parameters())
-    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
-    native = _native(model)
-    native(x.double()).square().sum().backward()
-    refs = [p.grad for i, p in enumerate(native.parameters()) if i not in (4, 5)]
-    assert len(refs) == len(grads[0])
-    for ours, ref in zip(grads[0], refs, strict=True):
-        assert rel_err(ours, ref) <= TOL[torch.float32]
+    _check_frozen_layer_and_reruns(_model([4, 20, 20, 20, 20, 3], "silu", "identity", torch.float32), 2)
 
 
 def _plan(sizes: list[int], act: str = "tanh") -> fused_mlp.Plan:

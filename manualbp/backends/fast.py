@@ -187,8 +187,11 @@ def delta_fresh(act: Activation) -> Callable[[Tensor, Tensor], Tensor]:
 LayerFn = Callable[..., tuple[Tensor, Tensor]]
 
 
-def _gemm_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    # z = x Wᵀ + b written into `out` (a workspace view), the bias added by the GEMM.
+def _z(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tensor:
+    # z = x Wᵀ + b, the bias added by the GEMM: fresh as nn.Linear makes it, or into `out` (a
+    # workspace view).
+    if out is None:
+        return _linear(x, w, b)
     return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
@@ -202,10 +205,7 @@ def layer_forward(act: Activation) -> LayerFn:
         def identity(
             x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
         ) -> tuple[Tensor, Tensor]:
-            if out is None:
-                z = _linear(x, w, b)
-            else:
-                z = _gemm_into(x, w, b, out)
+            z = _z(x, w, b, out)
             return z, z
 
         return identity
@@ -214,10 +214,7 @@ def layer_forward(act: Activation) -> LayerFn:
         def output_derivable(
             x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
         ) -> tuple[Tensor, Tensor]:
-            if out is None:
-                z = _linear(x, w, b)
-            else:
-                z = _gemm_into(x, w, b, out)
+            z = _z(x, w, b, out)
             a = inplace(z, act)
             return a, a
 
@@ -228,10 +225,7 @@ def layer_forward(act: Activation) -> LayerFn:
     def from_z(
         x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        if out is None:
-            z = _linear(x, w, b)
-        else:
-            z = _gemm_into(x, w, b, out)
+        z = _z(x, w, b, out)
         return f(z, slope), z
 
     return from_z

@@ -20,7 +20,7 @@ import torch
 
 from manualbp.activations import get_activation
 from manualbp.bench.cases import Case, MlpCell, dtype_name
-from manualbp.bench.common import Env
+from manualbp.bench.common import Env, status_rows
 from manualbp.bench.contenders import Contender, make_contenders
 from manualbp.bench.memory import memory_case
 from manualbp.bench.report import COLUMNS, add_speedups, write_csv, write_markdown, write_plot
@@ -218,27 +218,12 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
 
 def _skipped(case: Case, contenders: Sequence[Contender], note: str, memory: bool) -> list[dict[str, Any]]:
     ops = {"layer": LAYER_OPS, "mlp": ("train_step",), "loss": ("fwd+bwd",)}[case.suite]
-    rows = []
-    for contender in contenders:
-        for op in ops if not memory else (case.suite,):
-            rows.append(
-                {
-                    "suite": "memory" if memory else case.suite,
-                    "case": case.label,
-                    "M": case.M,
-                    "N": case.N,
-                    "K": case.K,
-                    "depth": case.depth,
-                    "dtype": dtype_name(case.dtype),
-                    "activation": case.activation,
-                    "op": op,
-                    "variant": "",
-                    "contender": contender.name,
-                    "status": "skipped",
-                    "note": note,
-                }
-            )
-    return rows
+    suite = {"suite": "memory"} if memory else {}
+    return [
+        {**status_rows(case, (op,), "", contender.name, "skipped", note)[0], **suite}
+        for contender in contenders
+        for op in (ops if not memory else (case.suite,))
+    ]
 
 
 def _method(config: BenchConfig, device: torch.device) -> str:

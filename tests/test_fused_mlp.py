@@ -151,6 +151,22 @@ def test_recompute_and_no_bias(recompute: bool, dtype: torch.dtype, backward_pat
     _check(model, torch.randn(45, 7, device=DEVICE).to(dtype), dtype)
 
 
+@pytest.mark.parametrize("backward_path", ["split"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_gradient_of_narrow_output_layers(
+    dtype: torch.dtype, backward_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers whose output pads to under 64 and whose input does not (128 → 20 and the
+    coordinate net's 70 → 1 output) take the weight-gradient loop's transposed dot h_lᵀ δ_l,
+    stored back as (out, in), reading δ_l with its padded columns (which the δ sweep writes as
+    zeros: NaN-poisoned buffers would show a column it left out); the others δ_lᵀ h_l."""
+    real, seen = fused_mlp.grad_weight_transposed, []
+    monkeypatch.setattr(fused_mlp, "grad_weight_transposed", lambda pad: seen.append(real(pad)) or seen[-1])
+    model = _model([3, 128, 20, 70, 1], "tanh", "identity", dtype)
+    _check(model, torch.randn(37, 3, device=DEVICE).to(dtype), dtype)
+    assert seen and set(seen) == {(False, True, False, True)}
+
+
 def test_recompute_keeps_only_the_input() -> None:
     from manualbp.ops.network import saved_tensor_bytes
 

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from .processes import run_bounded
-from .test_triton_aot import run_aot
+from .test_triton_aot import cache_dir, run_aot, run_watched
 
 pytest.importorskip("triton")
 
@@ -66,6 +66,37 @@ def test_aot_compile_fused_mlp_sm90_sm80() -> None:
             depth = len(r["flags"].split()[0].split("=")[1].split("-")) - 1
             assert 1 <= r["layer_waits"] <= depth + 1, name
     assert code == 0, err[-4000:]
+
+
+# One record outside the CI set, compiled alone (one kernel, seconds): the coordinate net whose
+# 128 → 1 output layer's weight gradient was mma.sync (16 padded rows of δᵀ on the wgmma's M)
+# before the loop put the input width there (`grad_weight_transposed`).
+COMPILE_GRAD_WEIGHT = """
+import json
+from manualbp.triton_kernels import aot, aot_fused, aot_variants
+net = ("bf16", 3, 128, 8, 1, "tanh", True)
+assert net in aot_fused.NETS_FULL[90]
+v = aot_variants.Variant("mlp_grad_weight", 90, net[0], net[5], aot_fused._flags(net),
+                         aot_fused._config_name("mlp_grad_weight", net, 90), aot_fused._wgmma_wide(net))
+record = aot_fused.compile_one((v, 0))
+print(json.dumps({**record, "problems": aot.check(record)}))
+"""
+
+
+def test_aot_grad_weight_of_a_narrow_output_layer_is_wgmma() -> None:
+    """Every layer's K-loop of that net's weight gradient on sm_90 has HGMMA (`aot_fused.check`
+    reads each loop; the main loop is only the smallest), the output layer's not serialised
+    (its δ padded to 16 columns), and no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=cache_dir())  # as run_aot
+    code, out, err = run_watched([sys.executable, "-c", COMPILE_GRAD_WEIGHT], env)
+    assert code == 0 and out.strip(), err[-4000:]
+    r = json.loads(out)
+    assert r["error"] is None and r["problems"] == [], r
+    assert r["gemm"] and r["spill_insts"] == 0 and r["stack"] == 0
+    assert len(r["mma_loops"]) == 8 and all(lp["hgmma"] and not lp["hmma"] for lp in r["mma_loops"])
+    # the first layer's loop reads the caller's 3-column x through registers (aot_fused._unaligned_input)
+    assert not any(lp["serialized"] for lp in r["mma_loops"][1:])
 
 
 # The selection of the default run, without compiling: in a process of its own, since importing

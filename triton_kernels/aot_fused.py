@@ -7,10 +7,12 @@ network shape — the fused kernels are specialised on the depth, the padded wid
 activations, which are constexprs — compiled as a launch of the real launchers in `fused_mlp.py`
 on stand-in tensors would compile it (`aot_launch.launched_on`), and inspected as the linear
 kernels are (`aot.compile_one`'s fields, `aot.check`): no spills, and for 16-bit on sm_90
-HGMMA. `mlp_grad_weight` is the one with a reduction loop (over rows): it is a `gemm` record,
-so `aot.check` also requires HGMMA in that loop, not serialised, and shared-memory rings with
-enough slots. The two sweeps have no K-loop (a layer is one dot of K = width ≤ 128); their
-wgmma of layer l + 1 waits for layer l by data dependence (`layer_waits` counts those waits).
+HGMMA. `mlp_grad_weight` is the one with reduction loops (over rows, one a layer): it is a `gemm`
+record where every layer can be a wgmma (`_wgmma_wide`), so `aot.check` also requires HGMMA,
+not serialised, in each of those loops (`mma_loops`; the main loop is only the smallest), and
+shared-memory rings with enough slots. The two sweeps have no K-loop (a layer is one dot of
+K = width ≤ 128); their wgmma of layer l + 1 waits for layer l by data dependence
+(`layer_waits` counts those waits).
 
 The accumulating δ sweep (`mlp_backward_acc`, `fused_mlp_acc.py`, in layer groups) is recorded
 where a launch on that arch takes it (`fused_mlp_acc.fits`), with `ptxas_serialized`: whether
@@ -28,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from . import aot_variants
+from . import aot_inspect, aot_variants
 
 # (dtype, input width, hidden width, depth, output width, activation, bias): small input and
 # output widths (a coordinate net, 2 → 3) exercise the in-kernel padding.
@@ -91,11 +93,13 @@ def variants(archs=aot_variants.ARCHS, selection: str = "ci") -> list[tuple[aot_
 
 
 def _wgmma_wide(net: tuple) -> bool:
-    """Whether the weight-gradient dots can be wgmma: δᵀ gives the dot's M = the layer's output
-    width, and a warpgroup's wgmma needs M ≥ 64 (narrower layers compile to mma.sync)."""
+    """Whether every weight-gradient dot can be wgmma: a warpgroup's wgmma needs M ≥ 64, and
+    the loop puts the wider of a layer's padded widths on M (`grad_weight_transposed`), so a
+    layer of two widths under 64 compiles to mma.sync."""
     from . import fused_mlp
 
-    return max(fused_mlp.padded(d) for d in _dims(net)[1:]) >= 64
+    pad = [fused_mlp.padded(d) for d in _dims(net)]
+    return all(max(pad[i], pad[i + 1]) >= 64 for i in range(len(pad) - 1))
 
 
 def _config_name(kernel: str, net: tuple, arch: int) -> str:
@@ -174,7 +178,7 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import aot_inspect, aot_launch
+    from . import aot_launch
 
     variant, _ = job
     record = dataclasses.asdict(variant)
@@ -189,6 +193,8 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
         fields, sass = aot_inspect.cubin_record(kernel)
         record.update(fields)
         record["layer_waits"] = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", sass))
+        if variant.kernel == "mlp_grad_weight":  # one K-loop a layer; the main loop is one of them
+            record["mma_loops"] = aot_inspect.sass_mma_loops(sass)
         if variant.kernel == "mlp_backward_acc" and variant.arch >= 90:
             record["ptxas_serialized"] = ptxas_serializes(kernel.asm["ptx"], variant.arch)
         record["model"] = None
@@ -197,6 +203,14 @@ def compile_one(job: tuple[aot_variants.Variant, int]) -> dict:
         record["error"] = f"{type(err).__name__}: {err}"
     record["compile_s"] = round(time.perf_counter() - t0, 2)
     return record
+
+
+def _unaligned_input(record: dict) -> bool:
+    """Known, and the caller's to change: an input x whose rows are not whole 16-byte vectors
+    (a coordinate net's 2 or 3 columns) is the first layer's narrow operand, loaded through
+    registers, not by cp.async into the ring, so that loop's wgmma waits every step (x is the
+    caller's tensor: never copied or padded). The later layers' narrow δ is padded."""
+    return int(record["flags"].split()[0].removeprefix("dims=").split("-")[0]) % 8 != 0
 
 
 def ptxas_serializes(ptx: str, arch: int) -> bool:
@@ -218,9 +232,21 @@ def ptxas_serializes(ptx: str, arch: int) -> bool:
 
 
 def check(record: dict) -> list[str]:
-    """The sweeps' own checks beyond `aot.check`: a 16-bit sweep on sm_90 uses wgmma, and the
-    accumulating sweep's is not serialised by ptxas."""
-    if record["error"] or record["kernel"] not in SWEEPS:
+    """The fused kernels' own checks beyond `aot.check`: a 16-bit sweep on sm_90 uses wgmma,
+    the accumulating sweep's is not serialised by ptxas, and in a wgmma-wide weight gradient
+    every layer's K-loop has HGMMA, not serialised (`aot.check` sees the smallest loop only)."""
+    if record["error"]:
+        return []
+    if record["kernel"] == "mlp_grad_weight" and aot_inspect.sixteen_bit_sm90_gemm(record):
+        loops = record.get("mma_loops", [])
+        problems = []
+        for i, lp in enumerate(loops):
+            if not lp["hgmma"]:
+                problems.append(f"no HGMMA in K-loop {i} of the weight gradient (mma.sync or FMA)")
+            if lp["serialized"] and not (i == 0 and _unaligned_input(record)):
+                problems.append(f"wgmma serialised in K-loop {i} of the weight gradient")
+        return problems
+    if record["kernel"] not in SWEEPS:
         return []
     if record["arch"] >= 90 and record["dtype"] != "fp32" and not record["hgmma"]:
         return ["no HGMMA in the SASS of a 16-bit fused sweep on sm_90"]

@@ -143,16 +143,45 @@ def ring_problems(rings: list[dict]) -> list[str]:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 
 
-def sass_main_loop(sass: str) -> dict:
-    """The main loop of a kernel's SASS: the innermost backward branch whose body holds tensor
-    core instructions (HGMMA, else HMMA), i.e. one K-step. Instruction, HGMMA and BAR counts;
-    `serialized`: a `WARPGROUP.DEPBAR.LE gsb0, 0x0` (wait for every wgmma group) inside it."""
+def _sass_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
+    """(address, instruction) of every SASS line, and (first, last) address of every backward
+    branch's loop."""
     insts = [(int(m[1], 16), m[2].strip()) for m in _SASS_LINE.finditer(sass)]
     loops = []
     for addr, text in insts:
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if m and int(m[1], 16) < addr:
             loops.append((int(m[1], 16), addr))
+    return insts, loops
+
+
+def _serialized(body: list[str]) -> bool:
+    return any(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", t) for t in body)
+
+
+def sass_mma_loops(sass: str) -> list[dict]:
+    """Every innermost loop (no loop inside it) with tensor-core instructions, in address
+    order: its HGMMA and HMMA counts and whether it waits for every wgmma group each step. A
+    kernel with several K-loops (the fused weight gradient: one per layer) has one entry each,
+    where `sass_main_loop` names the smallest only."""
+    insts, loops = _sass_loops(sass)
+    out = []
+    for lo, hi in sorted(loops):
+        if any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops):
+            continue
+        body = [t for a, t in insts if lo <= a <= hi]
+        hgmma = sum(1 for t in body if re.search(r"\bHGMMA\b", t))
+        hmma = sum(1 for t in body if re.search(r"\bHMMA\b", t))
+        if hgmma or hmma:
+            out.append({"hgmma": hgmma, "hmma": hmma, "serialized": _serialized(body)})
+    return out
+
+
+def sass_main_loop(sass: str) -> dict:
+    """The main loop of a kernel's SASS: the innermost backward branch whose body holds tensor
+    core instructions (HGMMA, else HMMA), i.e. one K-step. Instruction, HGMMA and BAR counts;
+    `serialized`: a `WARPGROUP.DEPBAR.LE gsb0, 0x0` (wait for every wgmma group) inside it."""
+    insts, loops = _sass_loops(sass)
     best = None
     for lo, hi in loops:
         body = [t for a, t in insts if lo <= a <= hi]
@@ -170,7 +199,7 @@ def sass_main_loop(sass: str) -> dict:
         "loop_wg_macs": sum(int(m[1]) * int(m[2]) * int(m[3]) for m in shapes if m),
         "loop_hgmma": sum(1 for t in body if re.search(r"\bHGMMA\b", t)),
         "loop_bars": sum(1 for t in body if re.search(r"\bBAR\.(?:SYNC|ARV|RED)", t)),
-        "wgmma_serialized": any(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", t) for t in body),
+        "wgmma_serialized": _serialized(body),
     }
 
 

@@ -14,8 +14,9 @@ h_0 = x (M, d_0):
                             (for the weight gradient), its column sums Σ_rows δ_l per program
                             (the bias gradient's partials), and ∇x = δ_0 W_0 when asked for.
     mlp_grad_weight_kernel  ∇W_l = δ_lᵀ h_l for every layer: program p reduces its own range of
-                            rows into an fp32 partial (one K-loop over rows per layer, δ tile
-                            loaded transposed straight from memory, no atomics).
+                            rows into an fp32 partial (fused_mlp_grad_weight.py: one K-loop
+                            over rows per layer, operands straight from memory, no atomics;
+                            h_lᵀ δ_l where the output is under a wgmma's 64 rows).
     mlp_reduce_kernel       Σ_p partial[p] in a fixed order, cast to the parameter dtype
                             (fused_mlp_reduce.py): the deterministic cross-program reduction
                             of the weight and the bias partials, both in one launch (the same
@@ -44,6 +45,13 @@ import triton.language as tl
 from . import _utils
 from ._utils import INTERPRET, check_device, downcast, input_precision, needs_upcast, upcast
 from .activations import act_fn, act_grad, check_act_id, uses_output
+from .fused_mlp_grad_weight import (  # noqa: F401  (fused_mlp.X)
+    GRAD_WEIGHT_LAUNCH,
+    grad_weight_launch,
+    grad_weight_programs,
+    grad_weight_transposed,
+    mlp_grad_weight_kernel,
+)
 from .fused_mlp_reduce import mlp_reduce_kernel, reduce_partials  # noqa: F401  (fused_mlp.X)
 
 MAX_WIDTH = 128  # registers: a (BLOCK_M, 128) fp32 tile per live operand
@@ -161,7 +169,7 @@ def _forward_tile(
 @triton.jit
 def mlp_backward_kernel(
     grad_ptr, w_ptrs, kept_ptrs, delta_ptrs, input_ptrs, gx_ptr, part_ptr,
-    M, dims,
+    M, dims, delta_cols,
     stride_gm, stride_gn,
     stride_wn, stride_wk,
     stride_kept, stride_delta, stride_input,
@@ -188,7 +196,7 @@ def mlp_backward_kernel(
     for i in tl.static_range(L - 1, -1, -1):
         d = downcast(delta, grad_ptr.dtype.element_ty, UPCAST)  # δ_l as both GEMMs read it
         n = tl.arange(0, PAD[i + 1])
-        mask = (rows[:, None] < M) & (n[None, :] < dims[i + 1])
+        mask = (rows[:, None] < M) & (n[None, :] < delta_cols[i])  # padded columns hold δ = 0
         tl.store(delta_ptrs[i] + rows[:, None] * stride_delta[i] + n[None, :], d, mask=mask)
         if BIAS[i]:  # this program's Σ_rows δ_l (masked rows hold δ = 0)
             col = tl.sum(upcast(d, UPCAST).to(tl.float32), axis=0)
@@ -207,48 +215,6 @@ def mlp_backward_kernel(
                 _store_tile(gx_ptr, grad_prev, rows, stride_gxm, M, dims[0], PAD[0], UPCAST)
 
 
-@triton.jit
-def mlp_grad_weight_kernel(
-    input_ptrs, delta_ptrs, part_ptr,
-    M, dims, rows_per_program,
-    stride_im, stride_ik, stride_delta,
-    part_offs, stride_part,
-    L: tl.constexpr,
-    PAD: tl.constexpr,
-    NEED_W: tl.constexpr,
-    UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * rows_per_program
-    r = tl.arange(0, BLOCK_M).to(tl.int64)
-    for i in tl.static_range(L):
-        if NEED_W[i]:
-            n = tl.arange(0, PAD[i + 1])
-            k = tl.arange(0, PAD[i])
-            acc = tl.zeros((tl.constexpr(PAD[i + 1]), tl.constexpr(PAD[i])), dtype=tl.float32)
-            for r0 in range(0, rows_per_program, BLOCK_M):
-                rows = start + r0 + r
-                in_rows = rows < M
-                # δ_lᵀ straight from memory as (n, rows) and h_l as (rows, k): both operands
-                # go from a pipelined load to shared memory to the wgmma, nothing in registers.
-                d_t = tl.load(
-                    delta_ptrs[i] + rows[None, :] * stride_delta[i] + n[:, None],
-                    mask=(n[:, None] < dims[i + 1]) & in_rows[None, :],
-                    other=0.0,
-                )
-                a = tl.load(
-                    input_ptrs[i] + rows[:, None] * stride_im[i] + k[None, :] * stride_ik[i],
-                    mask=in_rows[:, None] & (k[None, :] < dims[i]),
-                    other=0.0,
-                )
-                acc = tl.dot(upcast(d_t, UPCAST), upcast(a, UPCAST), acc, input_precision=INPUT_PRECISION)
-            mask = (n[:, None] < dims[i + 1]) & (k[None, :] < dims[i])
-            ptrs = part_ptr + pid * stride_part + part_offs[i] + n[:, None] * dims[i] + k[None, :]
-            tl.store(ptrs, acc, mask=mask)
-
-
 # ------------------------------------------------------------------------------------ launchers
 
 # Launch shapes. None has run on a GPU; each is compiled for sm_90 and sm_80 and checked not to
@@ -265,9 +231,6 @@ def gpu_launch(width: int, kernel: str = "forward") -> dict:
     if kernel == "backward" or width > 64:
         return {"BLOCK_M": 64, "num_warps": 8}
     return {"BLOCK_M": 128, "num_warps": 8}
-
-
-GRAD_WEIGHT_LAUNCH = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # see grad_weight_launch
 
 
 def padded(width: int) -> int:
@@ -391,7 +354,13 @@ def mlp_backward(
     serialised the wgmma of the weight-gradient loop on sm_90)."""
     M, dt, device = x.shape[0], x.dtype, x.device
     alloc, L, dims = _utils.empty, plan.depth, plan.dims
-    deltas = [alloc((M, dims[i + 1]), dt, device) for i in range(L)]
+    # δ_l that the weight-gradient loop reads as its narrow operand (`grad_weight_transposed`)
+    # is written with its zero padded columns: whole 32-byte rows, which go to the loop's
+    # shared-memory ring by cp.async (a 1-column row is loaded through registers, and the
+    # wgmma then waits every step for that buffer). An internal buffer, not the caller's.
+    narrow = grad_weight_transposed(plan.pad)
+    delta_cols = [plan.pad[i + 1] if narrow[i] and need_weight[i] else dims[i + 1] for i in range(L)]
+    deltas = [alloc((M, delta_cols[i]), dt, device) for i in range(L)]
     grad_x = alloc((M, dims[0]), dt, device) if need_x else None
     bias = [need_bias[i] and plan.has_bias[i] for i in range(L)]
     block = plan.block("backward")
@@ -408,7 +377,7 @@ def mlp_backward(
     if tiles:
         _utils.traceable(mlp_backward_kernel)[(tiles,)](
             grad_out, tuple(weights), kept_t, tuple(deltas), inputs_t, gx, bias_part,
-            M, dims,
+            M, dims, tuple(delta_cols),
             grad_out.stride(0), grad_out.stride(1),
             tuple(w.stride(0) for w in weights), tuple(w.stride(1) for w in weights),
             tuple(k.stride(0) for k in kept_t), tuple(d.stride(0) for d in deltas),
@@ -433,23 +402,6 @@ def _offsets(sizes: list[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def grad_weight_programs(M: int, device: torch.device) -> int:
-    """How many row ranges the weight gradient is split into: one per SM (each program then
-    holds one layer's (out, in) fp32 accumulator at a time), never a range under 256 rows."""
-    return max(1, min(_utils.num_sms(device), triton.cdiv(M, 256)))
-
-
-def grad_weight_launch(width: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
-    """The weight-gradient loop's launch: a (width, width) fp32 accumulator per program; at
-    128 it needs 8 warps (64 registers a thread) not to spill, and on sm_80 2 stages (3 spilled
-    128 LDL/STL at 8 layers of 128); float32 (FMA dot, operand slices in registers) 32-row
-    steps. From the AOT register counts (aot_fused.py)."""
-    block_m = 32 if dtype == torch.float32 else GRAD_WEIGHT_LAUNCH["BLOCK_M"]
-    stages = 2 if width > 64 and capability is not None and capability < (9, 0) else 3
-    warps = 8 if width > 64 else 4
-    return {**GRAD_WEIGHT_LAUNCH, "BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
-
-
 def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]) -> tuple[list, tuple]:
     """The weight gradients' buffers, and the partials the reduction sums into them."""
     x = inputs_t[0]
@@ -469,11 +421,12 @@ def _grad_weights(inputs_t, deltas, weights, plan: Plan, need_weight: list[bool]
     if programs:
         _utils.traceable(mlp_grad_weight_kernel)[(programs,)](
             inputs_t, tuple(deltas), part,
-            M, dims, rows,
+            M, dims, tuple(d.shape[1] for d in deltas), rows,
             tuple(t.stride(0) for t in inputs_t), tuple(t.stride(1) for t in inputs_t),
             tuple(d.stride(0) for d in deltas),
             offs[:-1], part.stride(0),
-            L=L, PAD=plan.pad, NEED_W=tuple(need_weight), UPCAST=needs_upcast(dt),
+            L=L, PAD=plan.pad, NEED_W=tuple(need_weight), TRANSPOSED=grad_weight_transposed(plan.pad),
+            UPCAST=needs_upcast(dt),
             INPUT_PRECISION=input_precision(dt), BLOCK_M=block_m,
             **({} if INTERPRET else {k: v for k, v in launch.items() if k != "BLOCK_M"}),
         )  # fmt: skip

@@ -142,3 +142,81 @@ def test_linear_act_bfloat16_takes_the_fast_node(name):
     for a, b in zip(ours, theirs, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def _logits(rows=9, classes=7, dtype=F64):
+    torch.manual_seed(1)
+    z = (3 * torch.randn(rows, classes, dtype=dtype)).requires_grad_()
+    t = torch.randint(0, classes, (rows,))
+    t[::4] = -100  # some ignored rows
+    return z, t
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_fast_cross_entropy_matches_native_and_oracle(reduction, ignore_index):
+    from manualbp.ops.losses import CrossEntropyFunction
+
+    z, t = _logits()
+    t[t == -100] = ignore_index
+    t[1] = 3
+    ours = MF.cross_entropy(z, t, reduction, ignore_index)
+    node = ours.grad_fn if reduction != "none" else ours.grad_fn.next_functions[0][0]  # behind the view
+    assert type(node).__name__ == "FastCrossEntropyFunctionBackward"
+    native = F.cross_entropy(z, t, reduction=reduction, ignore_index=ignore_index)
+    oracle = CrossEntropyFunction.apply(z, t, reduction, ignore_index)[0]
+    torch.testing.assert_close(ours, native, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, oracle, rtol=1e-12, atol=1e-12)
+    seed = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, z, seed)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(native, z, seed)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, torch.autograd.grad(oracle, z, seed)[0], rtol=1e-12, atol=1e-12)
+    assert bool((got[t == ignore_index] == 0).all())  # ignored rows get exactly 0
+
+
+def test_fast_cross_entropy_second_order_and_all_ignored():
+    z, t = _logits()
+    for reduction in REDUCTIONS:
+        fn = lambda a, r=reduction: MF.cross_entropy(a, t, r)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (z,))
+        assert torch.autograd.gradgradcheck(fn, (z,))
+    v = torch.randn_like(z)
+    hvps = []
+    for fn in (MF.cross_entropy, F.cross_entropy):
+        (g,) = torch.autograd.grad(fn(z, t), z, create_graph=True)
+        hvps.append(torch.autograd.grad(g, z, v)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-12, atol=1e-12)
+    every = torch.full_like(t, -100)
+    loss = MF.cross_entropy(z, every)  # mean over no rows: NaN, zero gradients, as native
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(z, every))
+    assert bool((torch.autograd.grad(loss, z)[0] == 0).all())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_fast_cross_entropy_low_precision(dtype, tol):
+    z, t = _logits(64, 33, dtype)
+    ours = MF.cross_entropy(z, t)
+    assert _node(ours) == "FastCrossEntropyFunctionBackward"
+    torch.testing.assert_close(ours, F.cross_entropy(z, t), rtol=0, atol=0)
+    exact_z = z.detach().double().requires_grad_()
+    exact = F.cross_entropy(exact_z, t)
+    (g,) = torch.autograd.grad(ours, z)
+    (g_exact,) = torch.autograd.grad(exact, exact_z)
+    (g_native,) = torch.autograd.grad(F.cross_entropy(z, t), z)
+    assert g.dtype == dtype
+    err, native_err = (g.double() - g_exact).abs().max(), (g_native.double() - g_exact).abs().max()
+    assert err <= max(2 * native_err, tol * g_exact.abs().max())
+
+
+def test_cross_entropy_general_path_where_the_fast_one_does_not_apply():
+    z, t = _logits()
+    with fwAD.dual_level():
+        tangent = torch.randn_like(z)
+        got = fwAD.unpack_dual(MF.cross_entropy(fwAD.make_dual(z.detach(), tangent), t)).tangent
+        want = fwAD.unpack_dual(F.cross_entropy(fwAD.make_dual(z.detach(), tangent), t)).tangent
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    z3 = torch.randn(2, 5, 3, dtype=F64, requires_grad=True)  # (N, C, d1): rows made by movedim
+    t3 = torch.randint(0, 5, (2, 3))
+    torch.testing.assert_close(MF.cross_entropy(z3, t3), F.cross_entropy(z3, t3), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="class"):
+        MF.cross_entropy(z, torch.full_like(t, 7))  # out of range: the clear error, not ATen's

@@ -38,7 +38,7 @@ from manualbp.ops._common import (
     placeholder,
     refuse_create_graph,
 )
-from manualbp.ops.losses_fast import fast_mse_loss
+from manualbp.ops.losses_fast import fast_cross_entropy, fast_mse_loss
 
 __all__ = [
     "CrossEntropyFunction",
@@ -298,7 +298,11 @@ def cross_entropy(
     else:
         if not torch._C._are_functorch_transforms_active():  # vmap cannot read values on the host
             check_class_range(target, classes, ignore_index)
-        loss, _, _ = CrossEntropyFunction.apply(rows, target.reshape(-1), reduction, ignore_index)
+        fast_loss = fast_cross_entropy(rows, target.reshape(-1), reduction, ignore_index)
+        if fast_loss is not None:  # a plain CPU call: ATen's loss kernel, one lean node
+            loss = fast_loss
+        else:
+            loss, _, _ = CrossEntropyFunction.apply(rows, target.reshape(-1), reduction, ignore_index)
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss

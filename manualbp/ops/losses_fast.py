@@ -25,11 +25,12 @@ from torch import Tensor
 
 from manualbp.backends import fast
 
-__all__ = ["FastSquaredErrorFunction", "fast_mse_loss"]
+__all__ = ["FastCrossEntropyFunction", "FastSquaredErrorFunction", "fast_cross_entropy", "fast_mse_loss"]
 
 # torch's reduction codes (torch._Reduction.get_enum).
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _mse = torch._C._nn.mse_loss
+_cross_entropy = torch._C._nn.cross_entropy_loss
 _mse_backward = torch.ops.aten.mse_loss_backward.default
 _transforms_active = torch._C._are_functorch_transforms_active
 
@@ -68,3 +69,48 @@ class FastSquaredErrorFunction(torch.autograd.Function):
             return None, None, None
         grad = _mse_backward(grad_loss, input, target, ctx.code)
         return (grad if need_input else None), (-grad if need_target else None), None
+
+
+def fast_cross_entropy(rows: Tensor, target: Tensor, reduction: str, ignore_index: int) -> Tensor | None:
+    """Cross-entropy of checked rows (M, C) and class indices (M,) on the fast path, or None."""
+    if rows.__class__ is not Tensor or target.__class__ is not Tensor or not rows.is_cpu:
+        return None
+    if rows.dtype not in fast.NETWORK_DTYPES or target.dtype is not torch.long:
+        return None
+    if _transforms_active() or torch.is_autocast_enabled("cpu") or forward_ad._current_level >= 0:
+        return None
+    return FastCrossEntropyFunction.apply(rows, target, _REDUCTIONS[reduction], ignore_index)
+
+
+class FastCrossEntropyFunction(torch.autograd.Function):
+    """C_i = logsumexp(z_i) − z_i[t_i] by ATen's kernel; ∂C_i/∂z_i = softmax(z_i) − onehot(t_i).
+
+    Keeps the logits by reference, as :class:`manualbp.ops.losses.CrossEntropyFunction` does
+    (native keeps the (M × C) log-probabilities as well): backward recomputes the softmax in one
+    pass and writes the gradient into it — the −1 at each target, then each row's scale (g, or
+    g / counted rows for "mean"; 0 for ignored rows). create_graph takes the differentiable
+    ops of the same formula.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, target: Tensor, code: int, ignore_index: int) -> Tensor:
+        ctx.save_for_backward(rows, target)
+        ctx.code, ctx.ignore_index = code, ignore_index
+        return _cross_entropy(rows, target, None, code, ignore_index, 0.0)  # type: ignore[arg-type]  # the C binding takes the code
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple:
+        rows, target = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        valid = target != ctx.ignore_index
+        safe_target = torch.where(valid, target, 0).unsqueeze(1)
+        g = grad_loss
+        if ctx.code == 1:  # mean over the counted rows (0/0 = NaN when none is, as native)
+            g = g / valid.sum()
+        row_scale = torch.where(valid, g, 0).to(rows.dtype).unsqueeze(1)
+        grad = torch.softmax(rows, 1)
+        minus_one = torch.full(safe_target.shape, -1.0, dtype=grad.dtype)
+        if torch.is_grad_enabled():  # create_graph: out of place, so softmax's backward holds
+            return grad.scatter_add(1, safe_target, minus_one) * row_scale, None, None, None
+        return grad.scatter_add_(1, safe_target, minus_one).mul_(row_scale), None, None, None

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,22 +120,23 @@ class BrokenContender(NativeContender):
         raise RuntimeError("broken on purpose")
 
 
+def _quick_cpu_config(tmp_path: Path, **fields: Any) -> BenchConfig:
+    """A CPU run of the harness as small and quiet as it goes: one thread, no warm-up, 1 ms of
+    timing, no ceilings, plot or progress bar, writing into `tmp_path`."""
+    quick = dict(device="cpu", out=tmp_path, warmup_ms=0, rep_ms=1, threads=1,
+                 ceilings=False, plot=False, progress=False)  # fmt: skip
+    return BenchConfig(**quick, **fields)
+
+
 def test_correctness_gate_reports_wrong_contender_as_error(tmp_path: Path) -> None:
-    config = BenchConfig(
+    config = _quick_cpu_config(
+        tmp_path,
         suites=("layer", "mlp"),
         shapes=((5, 7, 3),),
         dtypes=(torch.float32,),
         activations=("tanh",),
         contenders=("native",),
         depth=2,
-        device="cpu",
-        out=tmp_path,
-        warmup_ms=0,
-        rep_ms=1,
-        threads=1,
-        ceilings=False,
-        plot=False,
-        progress=False,
         extra_contenders=(WrongContender(), BrokenContender()),
     )
     rows = run_benchmark(config).rows
@@ -163,21 +165,14 @@ def test_triton_contender_on_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPat
 def test_fused_contender_in_the_mlp_suite_only(tmp_path: Path) -> None:
     """manualbp-fused (MLP(mode="fused")) times the mlp suite's train step, passing the
     correctness gate under the interpreter, and sits out the layer suite and too-wide MLPs."""
-    config = BenchConfig(
+    config = _quick_cpu_config(
+        tmp_path,
         suites=("layer", "mlp"),
         shapes=((37, 16, 3), (9, 130, 3)),
         dtypes=(torch.float32,),
         activations=("tanh",),
         contenders=("native", "manualbp-fused"),
         depth=2,
-        device="cpu",
-        out=tmp_path,
-        warmup_ms=0,
-        rep_ms=1,
-        threads=1,
-        ceilings=False,
-        plot=False,
-        progress=False,
     )
     rows = [r for r in run_benchmark(config).rows if r["contender"] == "manualbp-fused"]
     mlp = [r for r in rows if r["suite"] == "mlp"]
